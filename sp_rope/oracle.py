@@ -26,7 +26,9 @@ def oracle_table(spec: RopeSpec, indices: torch.Tensor | None = None) -> tuple[t
         if axis == 0:
             coord = coord + spec.start_frame
         rescale = spec.theta_rescale_factor[axis]  # type: ignore[index]
-        log_theta = math.log(spec.theta) + (d / (d - 2)) * math.log(rescale)
+        log_theta = math.log(spec.theta)
+        if rescale != 1.0:  # the spec refuses a rescale on a dim-2 axis, where d - 2 == 0
+            log_theta += (d / (d - 2)) * math.log(rescale)
         k = torch.arange(d // 2, dtype=torch.float64)
         inv_freq = torch.exp(-(2.0 * k / d) * log_theta)
         # The convention (FastVideo, diffusers) keeps scaled positions in float32.

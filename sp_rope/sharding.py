@@ -36,9 +36,18 @@ def _divisible(what: str, size: int, parts: int) -> None:
 
 
 def _axis_block(grid: tuple[int, ...], axis: int, start: int, length: int) -> torch.Tensor:
-    """Row-major flat indices of the block ``start:start+length`` along ``axis``."""
-    all_tokens = torch.arange(math.prod(grid)).view(grid)
-    return all_tokens.narrow(axis, start, length).reshape(-1)
+    """Row-major flat indices of the block ``start:start+length`` along ``axis``.
+
+    Built as a broadcast sum of per-axis offsets, so only the block's own indices are
+    allocated, never an index tensor of the whole grid.
+    """
+    index = torch.zeros((), dtype=torch.int64)
+    stride = math.prod(grid)
+    for a, size in enumerate(grid):
+        stride //= size
+        coords = torch.arange(start, start + length) if a == axis else torch.arange(size)
+        index = index.unsqueeze(-1) + coords * stride
+    return index.reshape(-1)
 
 
 def contiguous(grid: tuple[int, ...], sp_rank: int, sp_size: int, axis: int = 0) -> torch.Tensor:
@@ -67,7 +76,11 @@ def flat(grid: tuple[int, ...], sp_rank: int, sp_size: int, mode: str = "even") 
         idx = torch.arange(sp_rank * n, (sp_rank + 1) * n)
         return torch.where(idx < total, idx, -1)
     if mode == "uneven":
-        return torch.tensor_split(torch.arange(total), sp_size)[sp_rank].clone()
+        # torch.tensor_split sizes (the first total % sp_size ranks get one more), computed
+        # without an index tensor of the whole sequence.
+        base, extra = divmod(total, sp_size)
+        start = sp_rank * base + min(sp_rank, extra)
+        return torch.arange(start, start + base + (sp_rank < extra))
     raise ValueError(f"flat mode must be even, pad or uneven, got {mode!r}")
 
 

@@ -1,0 +1,149 @@
+"""Process groups for the check: timeouts on everything, named phases, named missing ranks.
+
+Every collective runs under the job's ``--timeout``. Before each collective phase the ranks
+meet at a gloo ``monitored_barrier``, which names the ranks that never arrived, so a hung or
+crashed rank turns into an error naming it and the phase instead of a silent 30-minute wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class UsageError(ValueError):
+    """Bad input found at run time: exit code 2 on every rank."""
+
+
+class PhaseError(RuntimeError):
+    """An infrastructure failure (timeout, missing rank, crash) inside a named phase."""
+
+
+_current_phase = "startup"
+
+
+def current_phase() -> str:
+    return _current_phase
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    global _current_phase
+    previous, _current_phase = _current_phase, name
+    try:
+        yield
+    finally:
+        _current_phase = previous
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def launch_env() -> LaunchEnv | None:
+    """Rank facts set by torchrun / the elastic launcher, or None when not launched."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    return LaunchEnv(
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+
+
+def resolve_backend(requested: str, env: LaunchEnv) -> tuple[str, str]:
+    """(backend, device) for this rank; NCCL needs one visible GPU per local rank."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "auto":
+        requested = "nccl" if gpus >= env.local_world_size and dist.is_nccl_available() else "gloo"
+    if requested == "nccl":
+        if not dist.is_nccl_available() or gpus < env.local_world_size:
+            # Two NCCL ranks on one GPU die inside NCCL with a bare exit 1; refuse up front.
+            raise UsageError(
+                f"--backend nccl needs one GPU per rank: {env.local_world_size} ranks on this node, "
+                f"{gpus} GPU(s) visible"
+            )
+        return "nccl", f"cuda:{env.local_rank}"
+    if requested == "gloo":
+        return "gloo", "cpu"
+    raise UsageError(f"--backend: unknown value {requested!r} (choose from auto, gloo, nccl)")
+
+
+class Job:
+    """The initialized default group plus a gloo group for monitored barriers."""
+
+    def __init__(self, env: LaunchEnv, backend: str, device: str, timeout_s: float) -> None:
+        self.env = env
+        self.backend = backend
+        self.device = device
+        self.timeout = timedelta(seconds=timeout_s)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        with phase("init_process_group"):
+            dist.init_process_group(
+                backend, rank=env.rank, world_size=env.world_size, timeout=self.timeout,
+                **({"device_id": torch.device(device)} if backend == "nccl" else {}),
+            )
+        self.barrier_group = dist.new_group(backend="gloo", timeout=self.timeout) if backend != "gloo" else None
+        self._sp_groups: dict[int, tuple[Any, list[int]]] = {}
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    def sp_group(self, sp_size: int) -> tuple[Any, list[int]]:
+        """(group, its global ranks) holding this rank; consecutive ranks form a group."""
+        if sp_size not in self._sp_groups:
+            mine = None
+            for first in range(0, self.env.world_size, sp_size):
+                ranks = list(range(first, first + sp_size))
+                # Every rank must create every group, in the same order.
+                group = dist.new_group(ranks, timeout=self.timeout)
+                if self.rank in ranks:
+                    mine = (group, ranks)
+            assert mine is not None
+            self._sp_groups[sp_size] = mine
+        return self._sp_groups[sp_size]
+
+    def sync(self, name: str) -> None:
+        """Meet every rank before phase ``name``; name the ranks that do not come."""
+        with phase(name):
+            try:
+                dist.monitored_barrier(self.barrier_group, timeout=self.timeout, wait_all_ranks=True)
+            except RuntimeError as exc:
+                raise PhaseError(f"ranks did not reach phase {name!r} within {self.timeout.total_seconds():g}s: "
+                                 f"{_first_line(exc)}") from exc
+
+    def gather(self, obj: Any, group: Any, group_ranks: list[int]) -> list[Any] | None:
+        """Objects of ``group`` at its first rank (None elsewhere)."""
+        leader = group_ranks[0]
+        out: list[Any] | None = [None] * len(group_ranks) if self.rank == leader else None
+        dist.gather_object(obj, out, dst=leader, group=group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

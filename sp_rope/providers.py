@@ -1,0 +1,88 @@
+"""Providers: the implementations the check can judge, behind one small interface.
+
+A provider answers two questions: "this rank's slice, please" (``get``, through whatever cache
+the implementation keeps) and "the whole unsharded table" (``full``). ``native`` is sp_rope's
+own protocol; adapters for other conventions live in ``sp_rope.adapters``.
+
+The native protocol (what new code should target) is one callable::
+
+    fn(spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice
+
+returning this rank's rows of the table and the global token index of every row (``-1`` for
+padding), plus, optionally, the cache key it used (``RopeSlice.key``) so the check can prove no
+two ranks share an entry. ``sp_size == 1`` asks for the unsharded table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import torch
+
+from .cache import RopeCache, RopeSlice
+from .sharding import ShardPlan
+from .spec import RopeSpec
+from .tables import build_table
+
+UNSHARDED = ShardPlan("contiguous", axis=0)
+
+NativeFn = Callable[[RopeSpec, ShardPlan, int, int, str], RopeSlice]
+
+
+class Provider:
+    """Base: override ``get``; ``full`` defaults to ``get`` at SP size 1."""
+
+    name = "provider"
+
+    def skip_reason(self, spec: RopeSpec, plan: ShardPlan) -> str | None:
+        """Why this implementation cannot express ``(spec, plan)``, or None."""
+        return None
+
+    def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
+        raise NotImplementedError
+
+    def full(self, spec: RopeSpec, device: str) -> RopeSlice:
+        return self.get(spec, UNSHARDED, 0, 1, device)
+
+    def cache_keys(self) -> list[Hashable] | None:
+        """All keys the implementation's cache holds now, when it exposes them."""
+        return None
+
+
+class SpRopeProvider(Provider):
+    """sp_rope itself: slices through a ``RopeCache``, the reference built uncached.
+
+    The cache is small on purpose (``max_entries`` 3 by default) so that a sweep over four
+    start_frames evicts entries and re-enters them.
+    """
+
+    name = "sp_rope"
+
+    def __init__(self, cache: RopeCache | None = None) -> None:
+        self.cache = cache or RopeCache(max_entries=3)
+
+    def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
+        return self.cache.get(spec, plan, sp_rank, sp_size, device)
+
+    def full(self, spec: RopeSpec, device: str) -> RopeSlice:
+        # The whole-grid builder (broadcast copies), a different path from the sliced one.
+        cos, sin = build_table(spec)
+        return RopeSlice(cos.to(device), sin.to(device), torch.arange(spec.num_tokens, device=device))
+
+    def cache_keys(self) -> list[Hashable]:
+        return list(self.cache.keys())
+
+
+class NativeProvider(Provider):
+    """A user function following the native protocol."""
+
+    def __init__(self, fn: NativeFn, name: str) -> None:
+        self.fn = fn
+        self.name = name
+
+    def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
+        out = self.fn(spec, plan, sp_rank, sp_size, device)
+        if isinstance(out, RopeSlice):
+            return out
+        cos, sin = out  # a bare (cos, sin): rows are the plan's tokens, in the plan's order
+        return RopeSlice(cos, sin, plan.indices(spec.grid, sp_rank, sp_size))
