@@ -24,4 +24,5 @@ def rope_slice(
     cache: RopeCache | None = None,
 ) -> RopeSlice:
     """This rank's cos/sin slice, through ``cache`` (default: the process-wide cache)."""
-    return (cache or default_cache()).get(spec, plan, sp_rank, sp_size, device)
+    # Not ``cache or ...``: an empty RopeCache has len 0 and is falsy.
+    return (cache if cache is not None else default_cache()).get(spec, plan, sp_rank, sp_size, device)

@@ -10,6 +10,7 @@ so on every hit the cache checks that nobody mutated them in place (torch's per-
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -86,13 +87,19 @@ def build_slice(spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, dev
 class RopeCache:
     """LRU bounded by ``max_entries`` and ``max_bytes``; hits refresh recency."""
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        builder: Callable[[RopeSpec, ShardPlan, int, int, str], RopeSlice] = build_slice,
+    ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.builder = builder  # what a miss calls; sp_rope's builder unless wrapping another one
         self.stats = CacheStats()
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
         self._lock = threading.Lock()
@@ -115,7 +122,7 @@ class RopeCache:
                 return entry.value
             self.stats.misses += 1
         # Build outside the lock so threads asking for different keys do not serialize.
-        built = build_slice(spec, plan, sp_rank, sp_size, key.device)
+        built = self.builder(spec, plan, sp_rank, sp_size, key.device)
         value = RopeSlice(built.cos, built.sin, built.indices, key)
         with self._lock:
             raced = self._entries.get(key)

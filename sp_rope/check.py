@@ -22,8 +22,9 @@ import torch
 
 from .cache import CacheMutationError, RopeSlice
 from .config import DEFAULT_CONFIGS, ConfigError, GeometryConfig, Matrix, load_config, validate_matrix
-from .dist import Job, LaunchEnv, PhaseError, UsageError, current_phase, launch_env, phase, resolve_backend
-from .providers import Provider, SpRopeProvider
+from .dist import Job, LaunchEnv, PhaseError, UsageError, launch_env, phase, phase_of, resolve_backend
+from .adapters import CONVENTIONS, make_provider
+from .providers import Provider
 from .report import FAILED, SKIPPED, CaseResult, Report
 from .sharding import ALL_PLAN_NAMES, ShardError, ShardPlan, parse_plan
 from .spec import RopeSpec
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--junit", default=None, help="write JUnit XML here")
     p.add_argument("--quiet", action="store_true", help="print only the count line")
+    p.add_argument("--impl", default=None, help="implementation to check: module:attr or path/to/file.py:attr")
+    p.add_argument("--convention", default="native", help=f"how to call --impl: {', '.join(CONVENTIONS)}")
+    p.add_argument("--impl-cache", default=None, help="the mapping --impl caches into (module:attr or file.py:attr)")
     return p
 
 
@@ -83,6 +87,7 @@ class Settings:
     report: str | None
     junit: str | None
     quiet: bool
+    provider: Provider
     argv: list[str] = field(default_factory=list)
 
 
@@ -107,7 +112,10 @@ def parse_settings(argv: list[str], world_size: int) -> Settings:
     if not matrix.schemes or not matrix.dtypes or not matrix.layouts or not matrix.start_frames:
         raise ConfigError("--schemes, --dtypes, --layouts and --start-frames must not be empty")
     validate_matrix(matrix, sp_sizes(world_size), explicit_configs=args.config is not None)
-    return Settings(matrix, args.backend, args.timeout, args.nproc, args.report, args.junit, args.quiet, argv)
+    provider = make_provider(args.impl, args.convention, args.impl_cache)
+    return Settings(
+        matrix, args.backend, args.timeout, args.nproc, args.report, args.junit, args.quiet, provider, argv
+    )
 
 
 def sp_sizes(world_size: int) -> tuple[int, ...]:
@@ -360,16 +368,12 @@ def _say(message: str, rank: int) -> None:
         print(f"sp_rope.check: {message}", file=sys.stderr, flush=True)
 
 
-def make_provider(settings: Settings) -> Provider:
-    return SpRopeProvider()
-
-
 def rank_main(settings: Settings, env: LaunchEnv) -> int:
     """One rank of the job: exit code 0/1 agreed by every rank (rank 0 decides)."""
     backend, device = resolve_backend(settings.backend, env)
     if settings.nproc is not None and settings.nproc != env.local_world_size:
         raise UsageError(f"--nproc {settings.nproc} disagrees with this launch ({env.local_world_size} ranks per node)")
-    provider = make_provider(settings)
+    provider = settings.provider
     job = Job(env, backend, device, settings.timeout)
     try:
         report = run_check(job, provider, settings.matrix)
@@ -397,7 +401,7 @@ def _rank_entry(settings: Settings, env: LaunchEnv) -> int:
         _say(str(exc), env.rank)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - any crash of this rank is an infrastructure failure
-        where = current_phase()
+        where = phase_of(exc)
         if not isinstance(exc, PhaseError):
             traceback.print_exc()
         print(f"sp_rope.check: rank {env.rank} failed in phase {where!r}: {type(exc).__name__}: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,12 +34,21 @@ def current_phase() -> str:
     return _current_phase
 
 
+def phase_of(exc: BaseException) -> str:
+    """The phase an exception escaped from (the innermost one), else the current phase."""
+    return getattr(exc, "sp_rope_phase", _current_phase)
+
+
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
     global _current_phase
     previous, _current_phase = _current_phase, name
     try:
         yield
+    except BaseException as exc:
+        if not hasattr(exc, "sp_rope_phase"):
+            exc.sp_rope_phase = name  # type: ignore[attr-defined]
+        raise
     finally:
         _current_phase = previous
 
@@ -124,8 +134,12 @@ class Job:
             try:
                 dist.monitored_barrier(self.barrier_group, timeout=self.timeout, wait_all_ranks=True)
             except RuntimeError as exc:
-                raise PhaseError(f"ranks did not reach phase {name!r} within {self.timeout.total_seconds():g}s: "
-                                 f"{_first_line(exc)}") from exc
+                missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(exc))
+                who = f"rank(s) {missing.group(1).strip()}" if missing else "some rank"
+                raise PhaseError(
+                    f"{who} did not reach phase {name!r} within {self.timeout.total_seconds():g}s "
+                    f"(crashed or hung): {_first_line(exc)}"
+                ) from exc
 
     def gather(self, obj: Any, group: Any, group_ranks: list[int]) -> list[Any] | None:
         """Objects of ``group`` at its first rank (None elsewhere)."""

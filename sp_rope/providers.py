@@ -16,6 +16,7 @@ two ranks share an entry. ``sp_size == 1`` asks for the unsharded table.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 
@@ -76,13 +77,17 @@ class SpRopeProvider(Provider):
 class NativeProvider(Provider):
     """A user function following the native protocol."""
 
-    def __init__(self, fn: NativeFn, name: str) -> None:
+    def __init__(self, fn: NativeFn, name: str, watcher: Any = None) -> None:
         self.fn = fn
         self.name = name
+        self.watcher = watcher  # an adapters.CacheWatcher when --impl-cache is given
 
     def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
+        before = self.watcher.snapshot() if self.watcher else set()
         out = self.fn(spec, plan, sp_rank, sp_size, device)
-        if isinstance(out, RopeSlice):
-            return out
-        cos, sin = out  # a bare (cos, sin): rows are the plan's tokens, in the plan's order
-        return RopeSlice(cos, sin, plan.indices(spec.grid, sp_rank, sp_size))
+        if not isinstance(out, RopeSlice):  # a bare (cos, sin): the plan's tokens, in the plan's order
+            cos, sin = out
+            out = RopeSlice(cos, sin, plan.indices(spec.grid, sp_rank, sp_size))
+        if out.key is None and self.watcher:
+            out = RopeSlice(out.cos, out.sin, out.indices, self.watcher.key_for((out.cos, out.sin), before))
+        return out

@@ -95,10 +95,10 @@ class RopeSpec:
         set_(self, "theta", float(self.theta))
         set_(self, "theta_rescale_factor", _per_axis("theta_rescale_factor", self.theta_rescale_factor, len(grid)))
         set_(self, "interpolation_factor", _per_axis("interpolation_factor", self.interpolation_factor, len(grid)))
-        for axis, (d, r) in enumerate(zip(dims, self.theta_rescale_factor)):  # type: ignore[arg-type]
+        for axis, (d, r) in enumerate(zip(dims, self.theta_rescale_factor, strict=True)):  # type: ignore[arg-type]
             if d == 2 and r != 1.0:  # theta * r ** (d / (d - 2)) divides by zero
                 raise ValueError(
-                    f"theta_rescale_factor[{axis}] must be 1 for an axis of dim 2, got {r!r} in {list(dims)!r}"
+                    f"theta_rescale_factor[{axis}] must be 1 on an axis of dim 2, got {r!r} in {list(dims)!r}"
                 )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
