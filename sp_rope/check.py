@@ -422,8 +422,22 @@ def main(argv: list[str] | None = None) -> int:
     if env is None:
         from .launch import self_launch
 
+        try:  # refuse NCCL without one GPU per rank before starting anything
+            resolve_backend(settings.backend, LaunchEnv(0, nproc_probe, 0, nproc_probe))
+        except UsageError as exc:
+            _say(str(exc), rank)
+            return EXIT_USAGE
         return self_launch(settings, nproc_probe)
-    return _rank_entry(settings, env)
+    code = _rank_entry(settings, env)
+    verdict_file = os.environ.get("SP_ROPE_VERDICT_FILE")
+    if verdict_file and code in (EXIT_OK, EXIT_FAIL, EXIT_USAGE):
+        # Under the self-launcher a verdict travels by file and ranks exit 0, so the agent never
+        # mistakes a verdict for a crash (nor stops slower ranks mid-exit); 3 stays an exit code.
+        if env.rank == 0:
+            with open(verdict_file, "w") as f:
+                f.write(str(code))
+        return EXIT_OK
+    return code
 
 
 def _peek_nproc(argv: list[str]) -> int:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .check import Settings
 
-EXIT_USAGE, EXIT_INFRA = 2, 3
+EXIT_INFRA = 3
 
 
 def self_launch(settings: Settings, nproc: int) -> int:
@@ -34,22 +36,26 @@ def self_launch(settings: Settings, nproc: int) -> int:
     # oversubscribe the machine and the default check runs ~3x slower on 2 cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     argv = ["-m", "sp_rope.check", *settings.argv]
-    try:
-        results = elastic_launch(config, entrypoint=sys.executable)(*argv)
-    except ChildFailedError as err:
-        return _report_failure(err)
-    codes = [int(v) if isinstance(v, int) else 0 for v in (results or {}).values()]
-    return max(codes, default=0)
+    with tempfile.TemporaryDirectory(prefix="sp_rope-") as tmp:
+        verdict = Path(tmp) / "verdict"
+        os.environ["SP_ROPE_VERDICT_FILE"] = str(verdict)
+        try:
+            elastic_launch(config, entrypoint=sys.executable)(*argv)
+        except ChildFailedError as err:
+            return _report_failure(err)
+        finally:
+            del os.environ["SP_ROPE_VERDICT_FILE"]
+        if not verdict.exists():
+            print("sp_rope.check: infrastructure failure (exit 3): rank 0 finished without a verdict",
+                  file=sys.stderr, flush=True)
+            return EXIT_INFRA
+        return int(verdict.read_text())
 
 
 def _report_failure(err: object) -> int:
     failures = getattr(err, "failures", {})
     codes = {rank: f.exitcode for rank, f in failures.items()}
     first_rank, first = min(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
-    if first.exitcode in (1, EXIT_USAGE):
-        # A verdict (1) or refused input (2), agreed by every rank; the agent may have stopped
-        # the slower ranks after the first one exited, so only the first exit code counts.
-        return first.exitcode
     # Report the failure that names the missing ranks (rank 0 runs the barrier and knows), else
     # the earliest one that left a message (ranks stopped by the agent leave none).
     described = sorted(

@@ -144,6 +144,10 @@ class ShardPlan:
     mode: str = "even"
     ring: int = 2
 
+    def __post_init__(self) -> None:
+        if self.scheme == "contiguous" and self.axis is None:  # one spelling, one cache key
+            object.__setattr__(self, "axis", 0)
+
     def indices(self, grid: tuple[int, ...], sp_rank: int, sp_size: int) -> torch.Tensor:
         if sp_size == 1 and sp_rank == 0:  # one rank holds the whole sequence, in order
             return torch.arange(math.prod(grid))

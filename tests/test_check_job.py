@@ -1,0 +1,101 @@
+"""The check as a job: launch forms, verdicts, reports, exit codes, faults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+import xml.etree.ElementTree as ET
+
+import pytest
+from helpers import FIXTURES, SMALL, check, processes_with, run, torchrun
+
+
+def test_default_self_launch_passes_with_reports(tmp_path):
+    report, junit = tmp_path / "r.json", tmp_path / "j.xml"
+    result = check("--nproc", "4", "--report", str(report), "--junit", str(junit))
+    assert result.code == 0, result
+    summary = json.loads(report.read_text())["summary"]
+    assert summary["failed"] == 0 and summary["passed"] > 0 and summary["world_size"] == 4
+    assert result.out.strip().splitlines()[-1] == f"{summary['passed']} passed, 0 failed, {summary['skipped']} skipped"
+    # Every scheme ran somewhere in the default matrix (skips are reported, never counted as passed).
+    cases = json.loads(report.read_text())["cases"]
+    assert {c["scheme"] for c in cases if c["status"] == "passed"} == {
+        "contiguous:t", "contiguous:h", "contiguous:w", "flat", "flat:pad", "flat:uneven",
+        "zigzag", "zigzag:t", "stripe", "usp:2",
+    }
+    assert all(c["details"] for c in cases if c["status"] == "skipped")
+    suite = ET.parse(junit).getroot()
+    assert int(suite.get("tests")) == len(cases) and int(suite.get("failures")) == 0
+
+
+@pytest.mark.parametrize("nproc", ["3", "4"])
+def test_torchrun_standalone(nproc):
+    result = torchrun("--standalone", "--nproc-per-node", nproc, "-m", "sp_rope.check", "--quiet")
+    assert result.code == 0, result
+    assert result.out.strip().endswith("skipped") and " 0 failed" in result.out
+
+
+def test_torchrun_multinode_style_rendezvous():
+    result = torchrun(
+        "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+        "--rdzv-id", uuid.uuid4().hex[:8], "-m", "sp_rope.check", "--quiet", *SMALL,
+    )
+    assert result.code == 0, result
+
+
+def test_torchrun_rejects_bare_nproc_as_the_readme_says():
+    result = torchrun("--nproc", "2", "-m", "sp_rope.check")
+    assert result.code != 0 and "ambiguous" in result.err, result
+
+
+def test_console_script():
+    script = shutil.which("sp-rope-check")
+    assert script, "the sp-rope-check console script is not installed (pip install -e .)"
+    result = run([script, "--nproc", "2", "--quiet", *SMALL])
+    assert result.code == 0, result
+
+
+def test_wrong_neighbour_slice_fails_naming_rank_scheme_and_token():
+    result = check("--nproc", "4", "--impl", f"{FIXTURES}/faulty.py:neighbour_slice", *SMALL)
+    assert result.code == 1, result
+    assert "slice-mismatch: rank 0 (contiguous:t, P=2) cos differs from the unsharded table at token (t=0, h=0, w=0)" in result.out
+    assert result.out.strip().splitlines()[-1].startswith("0 passed")
+
+
+def test_in_place_mutation_of_a_cached_table_is_caught():
+    result = check("--nproc", "2", "--impl", f"{FIXTURES}/mutating.py:scale_in_place", *SMALL)
+    assert result.code == 1, result
+    assert "mutated-in-place" in result.out
+
+
+def test_rank_that_raises_ends_job_quickly_naming_it():
+    marker = uuid.uuid4().hex
+    start = time.monotonic()
+    result = check("--nproc", "4", "--report", f"/tmp/{marker}.json", "--impl", f"{FIXTURES}/faulty.py:raise_on_rank2", *SMALL)
+    assert result.code == 3, result
+    assert time.monotonic() - start < 10 + 5, result  # 10 s for the job, slack for interpreter start
+    assert "rank 2 failed in phase 'build P=2" in result.err and "injected failure on rank 2" in result.err
+    assert "Traceback" in result.err  # the failing rank's traceback is surfaced
+    assert processes_with(marker) == []
+
+
+def test_rank_that_hangs_ends_job_after_timeout_naming_it():
+    marker = uuid.uuid4().hex
+    result = check("--nproc", "4", "--timeout", "5", "--report", f"/tmp/{marker}.json",
+                   "--impl", f"{FIXTURES}/faulty.py:hang_on_rank2", *SMALL, timeout=60)
+    assert result.code == 3, result
+    assert result.seconds < 5 + 15, result
+    assert "rank(s) 2 did not reach phase 'gather P=2'" in result.err, result
+    time.sleep(0.5)  # the agent has already reaped its workers; give /proc a moment
+    assert processes_with(marker) == []
+
+
+def test_bad_input_under_torchrun_is_exit_2_on_every_rank():
+    result = torchrun("--standalone", "--nproc-per-node", "2", "-m", "sp_rope.check", "--dtypes", "float16")
+    assert result.code != 0, result
+    # Each rank exited 2 (torchrun lists them); rank 0 said why, once, without a traceback.
+    assert result.err.count("exitcode: 2") + result.err.count("exitcode  : 2") >= 1, result
+    assert result.err.count("--dtypes: unknown value 'float16'") == 1, result
+    assert "sp_rope/check.py" not in result.err  # torchrun's own summary has a traceback; ours none
