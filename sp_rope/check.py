@@ -12,6 +12,7 @@ violation, 2 bad input, 3 an infrastructure failure (crash, hang, timeout), rank
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -24,7 +25,11 @@ from .cache import CacheMutationError, RopeSlice
 from .config import DEFAULT_CONFIGS, ConfigError, GeometryConfig, Matrix, load_config, validate_matrix
 from .dist import Job, LaunchEnv, PhaseError, UsageError, launch_env, phase, phase_of, resolve_backend
 from .adapters import CONVENTIONS, make_provider
-from .providers import Provider
+from .levels import (
+    LEVELS, MAX_TOKENS, HiddenStates, attention_local, draw_hidden_states, reference_for, rotate_local, shard_rows,
+    verify_apply, verify_attention,
+)
+from .providers import Provider, SpRopeProvider
 from .report import FAILED, SKIPPED, CaseResult, Report
 from .sharding import ALL_PLAN_NAMES, ShardError, ShardPlan, parse_plan
 from .spec import RopeSpec
@@ -36,6 +41,7 @@ DEFAULT_START_FRAMES = (0, 1, 17, 4096)
 DEFAULT_DTYPES = ("float32", "float64")
 DEFAULT_LAYOUTS = ("interleaved", "half", "neox")
 GATHER_BUDGET_BYTES = 256 * 1024**2  # per gather round, counted as unsharded table bytes
+MAX_ATTENTION_TOKENS = 8192  # the reference attention's [N, N] mask and scores stay small
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
 
@@ -75,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default=None, help="implementation to check: module:attr or path/to/file.py:attr")
     p.add_argument("--convention", default="native", help=f"how to call --impl: {', '.join(CONVENTIONS)}")
     p.add_argument("--impl-cache", default=None, help="the mapping --impl caches into (module:attr or file.py:attr)")
+    p.add_argument("--level", default="all", help="table, apply, attention or all (default all)")
+    p.add_argument("--mutants", action="store_true",
+                   help="run the check on every implementation in sp_rope.mutants and print the kill table")
     return p
 
 
@@ -88,6 +97,8 @@ class Settings:
     junit: str | None
     quiet: bool
     provider: Provider
+    mutants: bool = False
+    levels: tuple[str, ...] = ("table",)
     argv: list[str] = field(default_factory=list)
 
 
@@ -112,9 +123,14 @@ def parse_settings(argv: list[str], world_size: int) -> Settings:
     if not matrix.schemes or not matrix.dtypes or not matrix.layouts or not matrix.start_frames:
         raise ConfigError("--schemes, --dtypes, --layouts and --start-frames must not be empty")
     validate_matrix(matrix, sp_sizes(world_size), explicit_configs=args.config is not None)
+    if args.level not in LEVELS:
+        raise ConfigError(f"--level: unknown value {args.level!r} (choose from {', '.join(LEVELS)})")
+    if args.mutants and args.impl:
+        raise ConfigError("--mutants checks the built-in catalog; it takes no --impl")
     provider = make_provider(args.impl, args.convention, args.impl_cache)
     return Settings(
-        matrix, args.backend, args.timeout, args.nproc, args.report, args.junit, args.quiet, provider, argv
+        matrix, args.backend, args.timeout, args.nproc, args.report, args.junit, args.quiet, provider,
+        args.mutants, LEVELS[args.level], argv,
     )
 
 
@@ -173,6 +189,7 @@ class RankRun:
 
     records: list[KeyRecord] = field(default_factory=list)
     findings: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    extras: dict[int, dict[str, object]] = field(default_factory=dict)  # upper-level outputs per case
 
 
 def _snapshot(sl: RopeSlice) -> RopeSlice:
@@ -229,9 +246,17 @@ def skip_reason(provider: Provider, fam: Family) -> str | None:
     return provider.skip_reason(fam.spec(0), plan)
 
 
-def run_check(job: Job, provider: Provider, matrix: Matrix) -> Report | None:
+def run_check(job: Job, provider: Provider, matrix: Matrix, levels: tuple[str, ...] = ("table",)) -> Report | None:
     """The whole check on this rank; rank 0 returns the merged report, others None."""
     sizes = sp_sizes(job.env.world_size)
+    hidden: dict[str, HiddenStates | None] = {}
+    for config in matrix.configs:
+        small = config.grid and len(config.grid) == 3 and _tokens(config) <= MAX_TOKENS
+        if set(levels) - {"table"} and small:
+            with phase(f"draw hidden states {config.name}"):
+                hidden[config.name] = draw_hidden_states(_tokens(config), job.env.world_size, config.head_dim, job.device)
+        else:
+            hidden[config.name] = None
     all_families = families(matrix, sizes)
     cases: list[CaseResult] = []
     case_index: list[dict[int, int]] = []
@@ -259,14 +284,18 @@ def run_check(job: Job, provider: Provider, matrix: Matrix) -> Report | None:
                 continue
             with phase(f"build P={size} {fam.config.name}/{fam.scheme}/{fam.dtype}/{fam.layout}"):
                 first = run_family(provider, fam, case_index[fi], sp_rank, job, matrix, run, job.rank // size)
+            hs = hidden[fam.config.name]
+            if hs is not None:
+                with phase(f"apply/attention P={size} {fam.config.name}/{fam.scheme}/{fam.dtype}/{fam.layout}"):
+                    _run_levels(fam, first, hs, levels, sp_rank, group, job, case_index[fi], run)
             batch.append((fi, fam, first))
             # Every rank counts the same unsharded bytes, so all agree on when to gather.
             batch_bytes += sum(fam.spec(0).num_tokens * fam.spec(0).width * 16 for _ in first)
             if batch_bytes >= GATHER_BUDGET_BYTES or pos == len(members) - 1:
-                _gather_and_verify(job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified)
+                _gather_and_verify(job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified, hidden)
                 batch, batch_bytes = [], 0
         if batch:
-            _gather_and_verify(job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified)
+            _gather_and_verify(job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified, hidden)
     job.sync("collect results")
     with phase("collect results"):
         gathered = job.gather((list(verified.values()), run.records), None, list(range(job.env.world_size)))
@@ -275,17 +304,44 @@ def run_check(job: Job, provider: Provider, matrix: Matrix) -> Report | None:
     return _merge(cases, gathered, job, provider)
 
 
+def _tokens(config: GeometryConfig) -> int:
+    return math.prod(config.grid)
+
+
+def _run_levels(
+    fam: Family, first: dict[int, RopeSlice], hs: HiddenStates, levels: tuple[str, ...], sp_rank: int,
+    group: object, job: Job, case_ids: dict[int, int], run: RankRun,
+) -> None:
+    """Rotate the rank's own hidden states with its slices; Ulysses attention at the last start_frame."""
+    plan = parse_plan(fam.scheme)
+    grid = fam.config.grid
+    own = plan.indices(grid, sp_rank, fam.sp_size)
+    attention_sf = max(first) if "attention" in levels and len(own) and _tokens(fam.config) <= MAX_ATTENTION_TOKENS else None
+    for sf, sl in first.items():
+        extras = run.extras.setdefault(case_ids[sf], {})
+        try:
+            rq, rk = rotate_local(hs, sl, own, fam.layout)
+        except ValueError as exc:  # a table with the wrong number of rows: still join the collectives
+            run.findings.setdefault(case_ids[sf], []).append(("apply-mismatch", f"rank {job.rank}: {exc}"))
+            rq, rk = shard_rows(hs.q, own), shard_rows(hs.k, own)
+        if "apply" in levels:  # q alone: k goes through the same rotation (and through attention)
+            extras["apply"] = rq
+        if sf == attention_sf:
+            extras["attention"] = attention_local(hs, rq, rk, plan, grid, sp_rank, fam.sp_size, group, job.device)
+
+
 def _gather_and_verify(
     job: Job, provider: Provider, group: object, group_ranks: list[int], is_leader: bool,
     batch: list[tuple[int, Family, dict[int, RopeSlice]]], case_index: list[dict[int, int]],
     cases: list[CaseResult], run: RankRun, verified: dict[int, CaseResult],
+    hidden: dict[str, HiddenStates | None],
 ) -> None:
     size = len(group_ranks)
     payload: dict[int, tuple[RankPayload | None, list[tuple[str, str]]]] = {}
     for fi, _, first in batch:
         for ci in case_index[fi].values():
             sl = first.get(cases[ci].start_frame)
-            sent = None if sl is None else RankPayload(job.rank, sl.indices, sl.cos, sl.sin)
+            sent = None if sl is None else RankPayload(job.rank, sl.indices, sl.cos, sl.sin, run.extras.pop(ci, {}))
             payload[ci] = (sent, run.findings.get(ci, []))
     job.sync(f"gather P={size}")
     with phase(f"gather P={size}"):
@@ -308,11 +364,30 @@ def _gather_and_verify(
                 reference = _reference(provider, spec, job.device)
                 if all(s is not None for s in slices):
                     compare_slices(case, spec, plan, slices, reference)
+                    _verify_levels(case, spec, plan, slices, reference, hidden)
                 _oracle_once(case, spec, reference)
                 verified[ci] = case
 
 
 _oracle_verdicts: dict[tuple[RopeSpec, str], list[tuple[str, str, float]]] = {}
+
+
+def _verify_levels(
+    case: CaseResult, spec: RopeSpec, plan: ShardPlan, slices: list[RankPayload], reference: RopeSlice,
+    hidden: dict[str, HiddenStates | None],
+) -> None:
+    hs = hidden.get(case.config)
+    levels = [level for level in ("apply", "attention") if all(level in s.extras for s in slices)]
+    if hs is None or not levels:
+        return
+    ref = reference_for(hs, reference, spec.layout, with_attention="attention" in levels)
+    for sp_rank, sent in enumerate(slices):
+        own = plan.indices(spec.grid, sp_rank, case.sp_size)
+        if "apply" in levels:
+            verify_apply(case, ref, sent.rank, plan, own, sent.extras["apply"], spec.grid)
+        if "attention" in levels:
+            verify_attention(case, ref, sent.rank, plan, own, sent.extras["attention"], spec.grid)
+    case.level = levels[-1]
 
 
 def _oracle_once(case: CaseResult, spec: RopeSpec, reference: RopeSlice) -> None:
@@ -376,7 +451,9 @@ def rank_main(settings: Settings, env: LaunchEnv) -> int:
     provider = settings.provider
     job = Job(env, backend, device, settings.timeout)
     try:
-        report = run_check(job, provider, settings.matrix)
+        if settings.mutants:
+            return _run_mutants(job, settings)
+        report = run_check(job, provider, settings.matrix, settings.levels)
         code = EXIT_OK
         if report is not None:
             code = EXIT_FAIL if report.failed else EXIT_OK
@@ -390,6 +467,47 @@ def rank_main(settings: Settings, env: LaunchEnv) -> int:
             return int(job.broadcast(code))
     finally:
         job.close()
+
+
+def _run_mutants(job: Job, settings: Settings) -> int:
+    """Every catalog entry through the same job: mutants must fail with their declared
+    diagnosis, correct implementations (sp_rope itself included) must pass."""
+    from .mutants import catalog
+
+    rows: list[tuple[str, str, str, str, bool]] = []
+    entries = [(None, "sp_rope", "native", None)] + [
+        (m, m.name, m.convention, m.expected) for m in catalog()
+    ]
+    for mutant, name, convention, expected in entries:
+        provider = (
+            SpRopeProvider() if mutant is None
+            else make_provider(f"{mutant.module}:{mutant.impl}", convention,
+                               f"{mutant.module}:{mutant.cache}" if mutant.cache else None)
+        )
+        with phase(f"mutant {name}"):
+            report = run_check(job, provider, settings.matrix, settings.levels)
+        if report is not None:
+            got = sorted(report.diagnoses())
+            ok = (expected in got) if expected else (report.failed == 0 and report.count("passed") > 0)
+            rows.append((name, convention, expected or "(passes)", ",".join(got) or "pass", ok))
+    code = EXIT_OK
+    if job.rank == 0:
+        mutants = [r for r in rows if r[2] != "(passes)"]
+        killed = sum(r[4] for r in mutants)
+        false_positives = sum(not r[4] for r in rows if r[2] == "(passes)")
+        lines = [f"{'implementation':<34} {'convention':<13} {'expected':<22} {'got':<44} verdict"]
+        for name, convention, expected, got, ok in rows:
+            verdict = ("killed" if ok else "SURVIVED") if expected != "(passes)" else ("ok" if ok else "FALSE POSITIVE")
+            lines.append(f"{name:<34} {convention:<13} {expected:<22} {got:<44} {verdict}")
+        lines.append(
+            f"kill rate {100 * killed / max(1, len(mutants)):.0f}% ({killed}/{len(mutants)} mutants), "
+            f"{false_positives} false positives ({len(rows) - len(mutants)} correct implementations)"
+        )
+        print("\n".join(lines), flush=True)
+        code = EXIT_OK if killed == len(mutants) and not false_positives else EXIT_FAIL
+    job.sync("finish")
+    with phase("finish"):
+        return int(job.broadcast(code))
 
 
 def _rank_entry(settings: Settings, env: LaunchEnv) -> int:
