@@ -200,7 +200,7 @@ def _snapshot(sl: RopeSlice) -> RopeSlice:
 
 def run_family(
     provider: Provider, fam: Family, case_ids: dict[int, int], sp_rank: int, job: Job, matrix: Matrix,
-    run: RankRun, group_index: int,
+    run: RankRun, group_index: int, skipped: dict[int, str],
 ) -> dict[int, RopeSlice]:
     """Build every start_frame of one family through the provider, twice over, ``steps`` each."""
     plan = parse_plan(fam.scheme)
@@ -228,7 +228,7 @@ def run_family(
                 (diagnosis, f"rank {job.rank} got a different table on {when} for start_frame {sf}")
             )
 
-    sfs = fam.start_frames(matrix)
+    sfs = tuple(sf for sf in fam.start_frames(matrix) if sf not in skipped)
     for sf in sfs:  # pass 1: the denoising loop of each causal block
         for step in range(matrix.steps):
             call(sf, "first call" if step == 0 else f"step {step + 1}")
@@ -237,13 +237,16 @@ def run_family(
     return first
 
 
-def skip_reason(provider: Provider, fam: Family) -> str | None:
+def skip_reasons(provider: Provider, fam: Family, matrix: Matrix) -> dict[int, str]:
+    """start_frame -> why that case cannot run (the scheme cannot shard, or the implementation
+    cannot express it); the same answer on every rank, so every rank skips the same cases."""
     plan = parse_plan(fam.scheme)
     try:
         plan.indices(fam.config.grid, 0, fam.sp_size)
     except ShardError as exc:
-        return str(exc)
-    return provider.skip_reason(fam.spec(0), plan)
+        return {sf: str(exc) for sf in fam.start_frames(matrix)}
+    reasons = {sf: provider.skip_reason(fam.spec(sf), plan) for sf in fam.start_frames(matrix)}
+    return {sf: reason for sf, reason in reasons.items() if reason is not None}
 
 
 def run_check(job: Job, provider: Provider, matrix: Matrix, levels: tuple[str, ...] = ("table",)) -> Report | None:
@@ -277,13 +280,13 @@ def run_check(job: Job, provider: Provider, matrix: Matrix, levels: tuple[str, .
         members = [i for i, fam in enumerate(all_families) if fam.sp_size == size]
         for pos, fi in enumerate(members):
             fam = all_families[fi]
-            reason = skip_reason(provider, fam)
-            if reason is not None:
-                for ci in case_index[fi].values():
-                    cases[ci].skip(reason)
+            skipped = skip_reasons(provider, fam, matrix)
+            for sf, reason in skipped.items():
+                cases[case_index[fi][sf]].skip(reason)
+            if len(skipped) == len(case_index[fi]):
                 continue
             with phase(f"build P={size} {fam.config.name}/{fam.scheme}/{fam.dtype}/{fam.layout}"):
-                first = run_family(provider, fam, case_index[fi], sp_rank, job, matrix, run, job.rank // size)
+                first = run_family(provider, fam, case_index[fi], sp_rank, job, matrix, run, job.rank // size, skipped)
             hs = hidden[fam.config.name]
             if hs is not None:
                 with phase(f"apply/attention P={size} {fam.config.name}/{fam.scheme}/{fam.dtype}/{fam.layout}"):
@@ -340,6 +343,8 @@ def _gather_and_verify(
     payload: dict[int, tuple[RankPayload | None, list[tuple[str, str]]]] = {}
     for fi, _, first in batch:
         for ci in case_index[fi].values():
+            if cases[ci].status == SKIPPED:
+                continue
             sl = first.get(cases[ci].start_frame)
             sent = None if sl is None else RankPayload(job.rank, sl.indices, sl.cos, sl.sin, run.extras.pop(ci, {}))
             payload[ci] = (sent, run.findings.get(ci, []))
@@ -353,6 +358,8 @@ def _gather_and_verify(
             plan = parse_plan(fam.scheme)
             for sf, ci in case_index[fi].items():
                 case, spec = cases[ci], fam.spec(sf)
+                if case.status == SKIPPED:
+                    continue
                 slices = []
                 for sp_rank, rank_payload in enumerate(per_rank):
                     sent, findings = rank_payload[ci]
