@@ -27,14 +27,14 @@ class Run:
         return f"exit {self.code} after {self.seconds:.1f}s\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
 
 
-def run(args: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> Run:
-    """Run a command from the repo root with launcher variables scrubbed from the environment."""
+def run(args: list[str], timeout: float = 240, env: dict[str, str] | None = None, cwd: Path = REPO) -> Run:
+    """Run a command (from the repo root by default) with launcher variables scrubbed."""
     clean = {k: v for k, v in os.environ.items()
              if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     clean.setdefault("OMP_NUM_THREADS", "1")
     clean.update(env or {})
     start = time.monotonic()
-    proc = subprocess.run(args, cwd=REPO, env=clean, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=cwd, env=clean, capture_output=True, text=True, timeout=timeout)
     return Run(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
 
 
