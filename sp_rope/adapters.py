@@ -128,11 +128,18 @@ class FastVideoProvider(Provider):
         before = self.watcher.snapshot() if self.watcher else set()
         with self._sp_group(_Group(sp_rank, sp_size)):
             cos, sin = self.fn(
-                list(spec.grid), spec.head_dim, 1, list(spec.rope_dim_list), spec.theta,
+                list(spec.grid),
+                spec.head_dim,
+                1,
+                list(spec.rope_dim_list),
+                spec.theta,
                 theta_rescale_factor=list(spec.theta_rescale_factor),  # type: ignore[arg-type]
                 interpolation_factor=list(spec.interpolation_factor),  # type: ignore[arg-type]
-                shard_dim=axis, do_sp_sharding=sp_size > 1, dtype=spec.torch_dtype,
-                start_frame=spec.start_frame, use_real=spec.layout == "interleaved",
+                shard_dim=axis,
+                do_sp_sharding=sp_size > 1,
+                dtype=spec.torch_dtype,
+                start_frame=spec.start_frame,
+                use_real=spec.layout == "interleaved",
             )
         key = self.watcher.key_for((cos, sin), before) if self.watcher else None
         return RopeSlice(cos, sin, plan.indices(spec.grid, sp_rank, sp_size), key)
@@ -151,11 +158,17 @@ class FastVideoNdProvider(Provider):
 
     def _build(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
         cos, sin = self.fn(
-            list(spec.rope_dim_list), list(spec.grid), theta=spec.theta,
+            list(spec.rope_dim_list),
+            list(spec.grid),
+            theta=spec.theta,
             theta_rescale_factor=list(spec.theta_rescale_factor),  # type: ignore[arg-type]
             interpolation_factor=list(spec.interpolation_factor),  # type: ignore[arg-type]
-            shard_dim=0 if plan.axis is None else plan.axis, sp_rank=sp_rank, sp_world_size=sp_size,
-            dtype=spec.torch_dtype, start_frame=spec.start_frame, use_real=spec.layout == "interleaved",
+            shard_dim=0 if plan.axis is None else plan.axis,
+            sp_rank=sp_rank,
+            sp_world_size=sp_size,
+            dtype=spec.torch_dtype,
+            start_frame=spec.start_frame,
+            use_real=spec.layout == "interleaved",
         )
         return RopeSlice(cos.to(device), sin.to(device), plan.indices(spec.grid, sp_rank, sp_size))
 
@@ -228,4 +241,3 @@ def make_provider(impl: str | None, convention: str, impl_cache: str | None) -> 
     if convention == "fastvideo":
         return FastVideoProvider(fn, impl, watcher)
     return FastVideoNdProvider(fn, impl)
-

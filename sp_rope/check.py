@@ -19,22 +19,34 @@ import traceback
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-import torch
-
+from .adapters import CONVENTIONS, make_provider
 from .cache import CacheMutationError, RopeSlice
 from .config import DEFAULT_CONFIGS, ConfigError, GeometryConfig, Matrix, load_config, validate_matrix
 from .dist import Job, LaunchEnv, PhaseError, UsageError, launch_env, phase, phase_of, resolve_backend
-from .adapters import CONVENTIONS, make_provider
 from .levels import (
-    LEVELS, MAX_TOKENS, HiddenStates, attention_local, draw_hidden_states, reference_for, rotate_local, shard_rows,
-    verify_apply, verify_attention,
+    LEVELS,
+    MAX_TOKENS,
+    HiddenStates,
+    attention_local,
+    draw_hidden_states,
+    reference_for,
+    rotate_local,
+    shard_rows,
+    verify_apply,
+    verify_attention,
 )
 from .providers import Provider, SpRopeProvider
 from .report import FAILED, SKIPPED, CaseResult, Report
 from .sharding import ALL_PLAN_NAMES, ShardError, ShardPlan, parse_plan
 from .spec import RopeSpec
 from .verify import (
-    KeyRecord, RankPayload, compare_oracle, compare_slices, find_key_collisions, key_digest, tensor_digest,
+    KeyRecord,
+    RankPayload,
+    compare_oracle,
+    compare_slices,
+    find_key_collisions,
+    key_digest,
+    tensor_digest,
 )
 
 DEFAULT_START_FRAMES = (0, 1, 17, 4096)
@@ -66,8 +78,12 @@ def _int_csv(field_name: str, text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sp_rope.check", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--nproc", type=int, default=None, help="ranks to launch when not under torchrun (default 4)")
-    p.add_argument("--config", action="append", default=None,
-                   help=f"preset name in configs/ or a TOML path; repeatable (default: {', '.join(DEFAULT_CONFIGS)})")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=None,
+        help=f"preset name in configs/ or a TOML path; repeatable (default: {', '.join(DEFAULT_CONFIGS)})",
+    )
     p.add_argument("--backend", default="auto", help="auto, gloo or nccl (auto: nccl with one GPU per rank, else gloo)")
     p.add_argument("--schemes", default=",".join(ALL_PLAN_NAMES), help="comma-separated sharding schemes")
     p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="frequency dtypes: float32,float64")
@@ -82,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convention", default="native", help=f"how to call --impl: {', '.join(CONVENTIONS)}")
     p.add_argument("--impl-cache", default=None, help="the mapping --impl caches into (module:attr or file.py:attr)")
     p.add_argument("--level", default="all", help="table, apply, attention or all (default all)")
-    p.add_argument("--mutants", action="store_true",
-                   help="run the check on every implementation in sp_rope.mutants and print the kill table")
+    p.add_argument(
+        "--mutants",
+        action="store_true",
+        help="run the check on every implementation in sp_rope.mutants and print the kill table",
+    )
     return p
 
 
@@ -129,8 +148,17 @@ def parse_settings(argv: list[str], world_size: int) -> Settings:
         raise ConfigError("--mutants checks the built-in catalog; it takes no --impl")
     provider = make_provider(args.impl, args.convention, args.impl_cache)
     return Settings(
-        matrix, args.backend, args.timeout, args.nproc, args.report, args.junit, args.quiet, provider,
-        args.mutants, LEVELS[args.level], argv,
+        matrix,
+        args.backend,
+        args.timeout,
+        args.nproc,
+        args.report,
+        args.junit,
+        args.quiet,
+        provider,
+        args.mutants,
+        LEVELS[args.level],
+        argv,
     )
 
 
@@ -194,13 +222,24 @@ class RankRun:
 
 def _snapshot(sl: RopeSlice) -> RopeSlice:
     # Copy to the CPU now: a buggy implementation may mutate the returned tensors later.
-    return RopeSlice(sl.cos.detach().to("cpu", copy=True), sl.sin.detach().to("cpu", copy=True),
-                     sl.indices.detach().to("cpu", copy=True), sl.key)
+    return RopeSlice(
+        sl.cos.detach().to("cpu", copy=True),
+        sl.sin.detach().to("cpu", copy=True),
+        sl.indices.detach().to("cpu", copy=True),
+        sl.key,
+    )
 
 
 def run_family(
-    provider: Provider, fam: Family, case_ids: dict[int, int], sp_rank: int, job: Job, matrix: Matrix,
-    run: RankRun, group_index: int, skipped: dict[int, str],
+    provider: Provider,
+    fam: Family,
+    case_ids: dict[int, int],
+    sp_rank: int,
+    job: Job,
+    matrix: Matrix,
+    run: RankRun,
+    group_index: int,
+    skipped: dict[int, str],
 ) -> dict[int, RopeSlice]:
     """Build every start_frame of one family through the provider, twice over, ``steps`` each."""
     plan = parse_plan(fam.scheme)
@@ -257,7 +296,9 @@ def run_check(job: Job, provider: Provider, matrix: Matrix, levels: tuple[str, .
         small = config.grid and len(config.grid) == 3 and _tokens(config) <= MAX_TOKENS
         if set(levels) - {"table"} and small:
             with phase(f"draw hidden states {config.name}"):
-                hidden[config.name] = draw_hidden_states(_tokens(config), job.env.world_size, config.head_dim, job.device)
+                hidden[config.name] = draw_hidden_states(
+                    _tokens(config), job.env.world_size, config.head_dim, job.device
+                )
         else:
             hidden[config.name] = None
     all_families = families(matrix, sizes)
@@ -295,10 +336,14 @@ def run_check(job: Job, provider: Provider, matrix: Matrix, levels: tuple[str, .
             # Every rank counts the same unsharded bytes, so all agree on when to gather.
             batch_bytes += sum(fam.spec(0).num_tokens * fam.spec(0).width * 16 for _ in first)
             if batch_bytes >= GATHER_BUDGET_BYTES or pos == len(members) - 1:
-                _gather_and_verify(job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified, hidden)
+                _gather_and_verify(
+                    job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified, hidden
+                )
                 batch, batch_bytes = [], 0
         if batch:
-            _gather_and_verify(job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified, hidden)
+            _gather_and_verify(
+                job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified, hidden
+            )
     job.sync("collect results")
     with phase("collect results"):
         gathered = job.gather((list(verified.values()), run.records), None, list(range(job.env.world_size)))
@@ -312,14 +357,23 @@ def _tokens(config: GeometryConfig) -> int:
 
 
 def _run_levels(
-    fam: Family, first: dict[int, RopeSlice], hs: HiddenStates, levels: tuple[str, ...], sp_rank: int,
-    group: object, job: Job, case_ids: dict[int, int], run: RankRun,
+    fam: Family,
+    first: dict[int, RopeSlice],
+    hs: HiddenStates,
+    levels: tuple[str, ...],
+    sp_rank: int,
+    group: object,
+    job: Job,
+    case_ids: dict[int, int],
+    run: RankRun,
 ) -> None:
     """Rotate the rank's own hidden states with its slices; Ulysses attention at the last start_frame."""
     plan = parse_plan(fam.scheme)
     grid = fam.config.grid
     own = plan.indices(grid, sp_rank, fam.sp_size)
-    attention_sf = max(first) if "attention" in levels and len(own) and _tokens(fam.config) <= MAX_ATTENTION_TOKENS else None
+    attention_sf = (
+        max(first) if "attention" in levels and len(own) and _tokens(fam.config) <= MAX_ATTENTION_TOKENS else None
+    )
     for sf, sl in first.items():
         extras = run.extras.setdefault(case_ids[sf], {})
         try:
@@ -334,9 +388,16 @@ def _run_levels(
 
 
 def _gather_and_verify(
-    job: Job, provider: Provider, group: object, group_ranks: list[int], is_leader: bool,
-    batch: list[tuple[int, Family, dict[int, RopeSlice]]], case_index: list[dict[int, int]],
-    cases: list[CaseResult], run: RankRun, verified: dict[int, CaseResult],
+    job: Job,
+    provider: Provider,
+    group: object,
+    group_ranks: list[int],
+    is_leader: bool,
+    batch: list[tuple[int, Family, dict[int, RopeSlice]]],
+    case_index: list[dict[int, int]],
+    cases: list[CaseResult],
+    run: RankRun,
+    verified: dict[int, CaseResult],
     hidden: dict[str, HiddenStates | None],
 ) -> None:
     size = len(group_ranks)
@@ -380,7 +441,11 @@ _oracle_verdicts: dict[tuple[RopeSpec, str], list[tuple[str, str, float]]] = {}
 
 
 def _verify_levels(
-    case: CaseResult, spec: RopeSpec, plan: ShardPlan, slices: list[RankPayload], reference: RopeSlice,
+    case: CaseResult,
+    spec: RopeSpec,
+    plan: ShardPlan,
+    slices: list[RankPayload],
+    reference: RopeSlice,
     hidden: dict[str, HiddenStates | None],
 ) -> None:
     hs = hidden.get(case.config)
@@ -482,14 +547,16 @@ def _run_mutants(job: Job, settings: Settings) -> int:
     from .mutants import catalog
 
     rows: list[tuple[str, str, str, str, bool]] = []
-    entries = [(None, "sp_rope", "native", None)] + [
-        (m, m.name, m.convention, m.expected) for m in catalog()
-    ]
+    entries = [(None, "sp_rope", "native", None)] + [(m, m.name, m.convention, m.expected) for m in catalog()]
     for mutant, name, convention, expected in entries:
         provider = (
-            SpRopeProvider() if mutant is None
-            else make_provider(f"{mutant.module}:{mutant.impl}", convention,
-                               f"{mutant.module}:{mutant.cache}" if mutant.cache else None)
+            SpRopeProvider()
+            if mutant is None
+            else make_provider(
+                f"{mutant.module}:{mutant.impl}",
+                convention,
+                f"{mutant.module}:{mutant.cache}" if mutant.cache else None,
+            )
         )
         with phase(f"mutant {name}"):
             report = run_check(job, provider, settings.matrix, settings.levels)
@@ -529,8 +596,12 @@ def _rank_entry(settings: Settings, env: LaunchEnv) -> int:
         where = phase_of(exc)
         if not isinstance(exc, PhaseError):
             traceback.print_exc()
-        print(f"sp_rope.check: rank {env.rank} failed in phase {where!r}: {type(exc).__name__}: "
-              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr, flush=True)
+        print(
+            f"sp_rope.check: rank {env.rank} failed in phase {where!r}: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INFRA
 
 

@@ -41,14 +41,29 @@ class GeometryConfig:
 
     def spec(self, dtype: str, layout: str, start_frame: int) -> RopeSpec:
         return RopeSpec(
-            self.grid, self.rope_dim_list, self.theta, self.theta_rescale_factor,
-            self.interpolation_factor, dtype, layout, start_frame,
+            self.grid,
+            self.rope_dim_list,
+            self.theta,
+            self.theta_rescale_factor,
+            self.interpolation_factor,
+            dtype,
+            layout,
+            start_frame,
         )
 
 
 _KEYS = {
-    "name", "description", "grid", "head_dim", "hidden_size", "num_heads", "rope_dim_list", "theta",
-    "theta_rescale_factor", "interpolation_factor", "start_frames",
+    "name",
+    "description",
+    "grid",
+    "head_dim",
+    "hidden_size",
+    "num_heads",
+    "rope_dim_list",
+    "theta",
+    "theta_rescale_factor",
+    "interpolation_factor",
+    "start_frames",
 }
 
 
@@ -190,7 +205,6 @@ def validate_matrix(matrix: Matrix, sp_sizes: tuple[int, ...], explicit_configs:
                 f"{list(sp_sizes)} with schemes {', '.join(matrix.schemes)}"
             )
 
-
     if not any(_any_splittable(config, matrix, sp_sizes) for config in matrix.configs):
         raise ConfigError(
             f"no requested scheme ({', '.join(matrix.schemes)}) can split any config at SP sizes {list(sp_sizes)}"
@@ -207,4 +221,3 @@ def _splittable(config: GeometryConfig, plan: Any, sp_size: int) -> bool:
     except ShardError:
         return False
     return True
-

@@ -104,7 +104,10 @@ class Job:
             torch.cuda.set_device(torch.device(device))
         with phase("init_process_group"):
             dist.init_process_group(
-                backend, rank=env.rank, world_size=env.world_size, timeout=self.timeout,
+                backend,
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=self.timeout,
                 **({"device_id": torch.device(device)} if backend == "nccl" else {}),
             )
         self.barrier_group = dist.new_group(backend="gloo", timeout=self.timeout) if backend != "gloo" else None

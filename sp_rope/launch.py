@@ -28,8 +28,14 @@ def self_launch(settings: Settings, nproc: int) -> int:
     # The agent logs every worker start and stop at WARNING; keep the user's terminal to the verdict.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"sp_rope-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"sp_rope-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
         rdzv_configs={"timeout": int(max(60, settings.timeout))},
     )
     # As torchrun does: one intra-op thread per rank. Without it, N ranks x all cores of threads
@@ -46,8 +52,11 @@ def self_launch(settings: Settings, nproc: int) -> int:
         finally:
             del os.environ["SP_ROPE_VERDICT_FILE"]
         if not verdict.exists():
-            print("sp_rope.check: infrastructure failure (exit 3): rank 0 finished without a verdict",
-                  file=sys.stderr, flush=True)
+            print(
+                "sp_rope.check: infrastructure failure (exit 3): rank 0 finished without a verdict",
+                file=sys.stderr,
+                flush=True,
+            )
             return EXIT_INFRA
         return int(verdict.read_text())
 
@@ -66,7 +75,8 @@ def _report_failure(err: object) -> int:
     print(
         f"sp_rope.check: infrastructure failure (exit 3): rank {rank} exited with code {failure.exitcode}"
         f"{': ' + _message(failure) if _message(failure) else ''}; ranks that failed: {sorted(codes)}",
-        file=sys.stderr, flush=True,
+        file=sys.stderr,
+        flush=True,
     )
     return EXIT_INFRA
 

@@ -61,13 +61,17 @@ def shard_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def rotate_local(hs: HiddenStates, sl: RopeSlice, plan_indices: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_local(
+    hs: HiddenStates, sl: RopeSlice, plan_indices: torch.Tensor, layout: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The rank's q/k (its plan tokens) rotated with the rank's table rows."""
     cos, sin = sl.cos.cpu(), sl.sin.cpu()
     if cos.shape[0] != len(plan_indices):
         raise _RowCountMismatch(f"table has {cos.shape[0]} rows, the rank holds {len(plan_indices)} tokens")
-    return (apply_rope(shard_rows(hs.q, plan_indices), cos, sin, layout),
-            apply_rope(shard_rows(hs.k, plan_indices), cos, sin, layout))
+    return (
+        apply_rope(shard_rows(hs.q, plan_indices), cos, sin, layout),
+        apply_rope(shard_rows(hs.k, plan_indices), cos, sin, layout),
+    )
 
 
 class _RowCountMismatch(ValueError):
@@ -75,8 +79,15 @@ class _RowCountMismatch(ValueError):
 
 
 def attention_local(
-    hs: HiddenStates, rq: torch.Tensor, rk: torch.Tensor, plan: ShardPlan, grid: tuple[int, ...],
-    sp_rank: int, sp_size: int, group: object, device: str,
+    hs: HiddenStates,
+    rq: torch.Tensor,
+    rk: torch.Tensor,
+    plan: ShardPlan,
+    grid: tuple[int, ...],
+    sp_rank: int,
+    sp_size: int,
+    group: object,
+    device: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ulysses attention (non-causal, causal) of the rank's rotated rows; returns its output rows."""
     per_rank = [plan.indices(grid, r, sp_size) for r in range(sp_size)]
@@ -107,33 +118,77 @@ def reference_for(hs: HiddenStates, reference: RopeSlice, layout: str, with_atte
     ref = LevelReference(rq, rk)
     if with_attention:
         positions = torch.arange(rq.shape[1])
-        ref.attention = (masked_attention(rq, rk, hs.v, positions, False), masked_attention(rq, rk, hs.v, positions, True))
+        ref.attention = (
+            masked_attention(rq, rk, hs.v, positions, False),
+            masked_attention(rq, rk, hs.v, positions, True),
+        )
     return ref
 
 
-def verify_apply(case: CaseResult, ref: LevelReference, rank: int, plan: ShardPlan, plan_indices: torch.Tensor,
-                 rotated_q: torch.Tensor, grid: tuple[int, ...]) -> None:
+def verify_apply(
+    case: CaseResult,
+    ref: LevelReference,
+    rank: int,
+    plan: ShardPlan,
+    plan_indices: torch.Tensor,
+    rotated_q: torch.Tensor,
+    grid: tuple[int, ...],
+) -> None:
     real = plan_indices >= 0
-    _compare(case, "apply-mismatch", f"rank {rank} ({plan}, P={case.sp_size}) rotated q",
-             rotated_q[:, real], ref.rq[:, plan_indices[real]], plan_indices[real], grid, APPLY_TOL)
+    _compare(
+        case,
+        "apply-mismatch",
+        f"rank {rank} ({plan}, P={case.sp_size}) rotated q",
+        rotated_q[:, real],
+        ref.rq[:, plan_indices[real]],
+        plan_indices[real],
+        grid,
+        APPLY_TOL,
+    )
 
 
-def verify_attention(case: CaseResult, ref: LevelReference, rank: int, plan: ShardPlan, plan_indices: torch.Tensor,
-                     outputs: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, ...]) -> None:
+def verify_attention(
+    case: CaseResult,
+    ref: LevelReference,
+    rank: int,
+    plan: ShardPlan,
+    plan_indices: torch.Tensor,
+    outputs: tuple[torch.Tensor, torch.Tensor],
+    grid: tuple[int, ...],
+) -> None:
     assert ref.attention is not None
     real = plan_indices >= 0
     for kind, got, full in zip(("non-causal", "causal"), outputs, ref.attention):
-        _compare(case, "attention-mismatch", f"rank {rank} ({plan}, P={case.sp_size}) {kind} Ulysses attention",
-                 got[:, real], full[:, plan_indices[real]], plan_indices[real], grid, ATTENTION_TOL)
+        _compare(
+            case,
+            "attention-mismatch",
+            f"rank {rank} ({plan}, P={case.sp_size}) {kind} Ulysses attention",
+            got[:, real],
+            full[:, plan_indices[real]],
+            plan_indices[real],
+            grid,
+            ATTENTION_TOL,
+        )
 
 
-def _compare(case: CaseResult, diagnosis: str, what: str, got: torch.Tensor, want: torch.Tensor,
-             tokens: torch.Tensor, grid: tuple[int, ...], tol: float) -> None:
+def _compare(
+    case: CaseResult,
+    diagnosis: str,
+    what: str,
+    got: torch.Tensor,
+    want: torch.Tensor,
+    tokens: torch.Tensor,
+    grid: tuple[int, ...],
+    tol: float,
+) -> None:
     err = (got.double() - want.double()).abs()
     bad = (err > tol * (1 + want.double().abs())).flatten(2).any(dim=(0, 2))
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
         worst = float(err.max())
         case.max_abs_error = max(case.max_abs_error, worst)
-        case.fail(diagnosis, f"{what} differs from the single-rank result at token {token_name(int(tokens[row]), grid)}, "
-                             f"max abs error {worst:.3g} (tolerance {tol:g} relative)")
+        case.fail(
+            diagnosis,
+            f"{what} differs from the single-rank result at token {token_name(int(tokens[row]), grid)}, "
+            f"max abs error {worst:.3g} (tolerance {tol:g} relative)",
+        )

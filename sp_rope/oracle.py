@@ -2,7 +2,8 @@
 
 Per token and axis: ``angle = position * interpolation * theta_a ** (-2k/d)``, evaluated with
 ``exp``/``log`` in float64 from integer coordinates (no per-axis tables, no shared code).
-Scaled positions are rounded to float32, as the convention prescribes. A bug shared by the sharded and unsharded builder paths still disagrees with this.
+Scaled positions are rounded to float32, as the convention prescribes. A bug shared by the
+sharded and unsharded builder paths still disagrees with this.
 """
 
 from __future__ import annotations

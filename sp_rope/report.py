@@ -40,9 +40,8 @@ class CaseResult:
 
     @property
     def case_id(self) -> str:
-        return (
-            f"{self.config}/{self.scheme}/P{self.sp_size}/sf{self.start_frame}/{self.dtype}/{self.layout}"
-            + ("" if self.level == "table" else f"/{self.level}")
+        return f"{self.config}/{self.scheme}/P{self.sp_size}/sf{self.start_frame}/{self.dtype}/{self.layout}" + (
+            "" if self.level == "table" else f"/{self.level}"
         )
 
     def fail(self, diagnosis: str, detail: str) -> None:
@@ -81,8 +80,12 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {
             "summary": {
-                "passed": self.count(PASSED), "failed": self.failed, "skipped": self.count(SKIPPED),
-                "world_size": self.world_size, "backend": self.backend, "implementation": self.implementation,
+                "passed": self.count(PASSED),
+                "failed": self.failed,
+                "skipped": self.count(SKIPPED),
+                "world_size": self.world_size,
+                "backend": self.backend,
+                "implementation": self.implementation,
                 "diagnoses": sorted(self.diagnoses()),
             },
             "job_errors": self.job_errors,
@@ -106,7 +109,9 @@ class Report:
                 note = ",".join(sorted({d for c in failing for d in c.diagnoses}))
             elif counts[2]:
                 note = next(c.details[0] for c in cases if c.status == SKIPPED)
-            lines.append(f"{config:<28} {scheme:<13} {size:>2} {level:<9} {counts[0]:>5} {counts[1]:>5} {counts[2]:>5}  {note}")
+            lines.append(
+                f"{config:<28} {scheme:<13} {size:>2} {level:<9} {counts[0]:>5} {counts[1]:>5} {counts[2]:>5}  {note}"
+            )
         failing = [c for c in self.cases if c.status == FAILED]
         for case in failing[:max_failures]:
             lines.append(f"FAIL {case.case_id}: {case.details[0]}")
@@ -121,8 +126,11 @@ class Report:
 
     def write_junit(self, path: str) -> None:
         suite = ET.Element(
-            "testsuite", name="sp_rope.check", tests=str(len(self.cases) + len(self.job_errors)),
-            failures=str(self.failed), skipped=str(self.count(SKIPPED)),
+            "testsuite",
+            name="sp_rope.check",
+            tests=str(len(self.cases) + len(self.job_errors)),
+            failures=str(self.failed),
+            skipped=str(self.count(SKIPPED)),
         )
         for case in self.cases:
             node = ET.SubElement(suite, "testcase", classname=f"sp_rope.{case.config}", name=case.case_id)

@@ -72,7 +72,11 @@ def compare_slices(
     seen = torch.zeros(n, dtype=torch.int64)
     for p in payloads:
         claimed = p.indices.to(torch.int64).cpu()
-        if p.cos.shape != (len(claimed), ref_cos.shape[1]) or p.cos.dtype != ref_cos.dtype or p.sin.shape != p.cos.shape:
+        if (
+            p.cos.shape != (len(claimed), ref_cos.shape[1])
+            or p.cos.dtype != ref_cos.dtype
+            or p.sin.shape != p.cos.shape
+        ):
             case.fail(
                 "slice-mismatch",
                 f"rank {p.rank} ({plan}) returned cos {tuple(p.cos.shape)} {p.cos.dtype} for {len(claimed)} tokens, "
@@ -117,7 +121,10 @@ def compare_oracle(case: CaseResult, spec: RopeSpec, reference: RopeSlice) -> No
     for name, got, want in (("cos", reference.cos, want_cos), ("sin", reference.sin, want_sin)):
         got = got.cpu()
         if got.shape != want.shape:
-            case.fail("oracle-mismatch", f"unsharded {name} has shape {tuple(got.shape)}, the formula gives {tuple(want.shape)}")
+            case.fail(
+                "oracle-mismatch",
+                f"unsharded {name} has shape {tuple(got.shape)}, the formula gives {tuple(want.shape)}",
+            )
             return
         err = (got.double() - want).abs()
         worst = float(err.max()) if err.numel() else 0.0
@@ -166,7 +173,10 @@ def find_key_collisions(records: list[KeyRecord]) -> list[tuple[set[int], str]]:
         if len(tables) > 1:
             a, b = list(tables.values())[:2]
             found.append(
-                ({r.case for r in recs},
-                 f"cache key {text} maps to two different tables (rank {a.rank} P={a.sp_size} and rank {b.rank} P={b.sp_size})")
+                (
+                    {r.case for r in recs},
+                    f"cache key {text} maps to two different tables "
+                    f"(rank {a.rank} P={a.sp_size} and rank {b.rank} P={b.sp_size})",
+                )
             )
     return found

@@ -12,8 +12,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 # A small matrix for tests that are about the job, not about coverage of the schemes.
-SMALL = ["--schemes", "contiguous:t,flat:pad,zigzag", "--dtypes", "float64", "--layouts", "interleaved",
-         "--start-frames", "0,4096", "--steps", "2"]
+SMALL = [
+    "--schemes",
+    "contiguous:t,flat:pad,zigzag",
+    "--dtypes",
+    "float64",
+    "--layouts",
+    "interleaved",
+    "--start-frames",
+    "0,4096",
+    "--steps",
+    "2",
+]
 
 
 @dataclass
@@ -29,8 +39,11 @@ class Run:
 
 def run(args: list[str], timeout: float = 240, env: dict[str, str] | None = None, cwd: Path = REPO) -> Run:
     """Run a command (from the repo root by default) with launcher variables scrubbed."""
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     clean.setdefault("OMP_NUM_THREADS", "1")
     clean.update(env or {})
     start = time.monotonic()

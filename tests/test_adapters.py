@@ -50,8 +50,20 @@ def test_diffusers_wan_job_passes_and_skips_what_it_cannot_express(tmp_path):
     config = tmp_path / "wan_tiny.toml"
     config.write_text('name = "wan-tiny"\ngrid = [4, 6, 8]\nhead_dim = 128\n')
     report = tmp_path / "r.json"
-    result = check("--nproc", "2", "--convention", "diffusers-wan", "--config", str(config), "--schemes", "flat,zigzag",
-                   "--start-frames", "0,5", "--report", str(report))
+    result = check(
+        "--nproc",
+        "2",
+        "--convention",
+        "diffusers-wan",
+        "--config",
+        str(config),
+        "--schemes",
+        "flat,zigzag",
+        "--start-frames",
+        "0,5",
+        "--report",
+        str(report),
+    )
     assert result.code == 0, result
     cases = json.loads(report.read_text())["cases"]
     passed = [c for c in cases if c["status"] == "passed"]

@@ -65,6 +65,11 @@ def test_masked_attention_is_order_free_and_ignores_padding():
         torch.testing.assert_close(out, ref[:, perm])
         # A padding row (position -1) with garbage keys changes nothing for the real rows.
         pad = torch.full((1, 1, 2, 4), 1e3)
-        out = masked_attention(torch.cat([q, pad], 1), torch.cat([k, pad], 1), torch.cat([v, pad], 1),
-                               torch.cat([positions, torch.tensor([-1])]), causal)
+        out = masked_attention(
+            torch.cat([q, pad], 1),
+            torch.cat([k, pad], 1),
+            torch.cat([v, pad], 1),
+            torch.cat([positions, torch.tensor([-1])]),
+            causal,
+        )
         torch.testing.assert_close(out[:, :6], ref)

@@ -9,7 +9,7 @@ import torch
 
 from sp_rope.check import main
 
-GOOD_TOML = 'grid = [4, 4, 4]\nhead_dim = 24\n'
+GOOD_TOML = "grid = [4, 4, 4]\nhead_dim = 24\n"
 
 
 def _run(argv, capsys) -> str:
@@ -33,11 +33,14 @@ def _toml(tmp_path, text: str) -> str:
     [
         ("grid = [4, 4,\n", "invalid TOML"),
         (GOOD_TOML + "gird = [1]\n", "unknown key 'gird'"),
-        ('grid = [4, 4, 4]\nrope_dim_list = [7, 8, 9]\n', "rope_dim_list[0] must be a positive even int, got 7"),
-        ('grid = [4, 4, 4]\nhead_dim = 24\nrope_dim_list = [8, 8, 10]\n', "sums to 26, not the head dim 24"),
-        ('grid = [4, -4, 4]\nhead_dim = 24\n', "grid sizes must be positive integers"),
-        (GOOD_TOML + "theta_rescale_factor = [1.0, 2.0]\n", "theta_rescale_factor must be a scalar or have one value per axis"),
-        ('grid = [3, 5, 7]\nhead_dim = 24\n', "cannot be split by any requested SP size"),
+        ("grid = [4, 4, 4]\nrope_dim_list = [7, 8, 9]\n", "rope_dim_list[0] must be a positive even int, got 7"),
+        ("grid = [4, 4, 4]\nhead_dim = 24\nrope_dim_list = [8, 8, 10]\n", "sums to 26, not the head dim 24"),
+        ("grid = [4, -4, 4]\nhead_dim = 24\n", "grid sizes must be positive integers"),
+        (
+            GOOD_TOML + "theta_rescale_factor = [1.0, 2.0]\n",
+            "theta_rescale_factor must be a scalar or have one value per axis",
+        ),
+        ("grid = [3, 5, 7]\nhead_dim = 24\n", "cannot be split by any requested SP size"),
     ],
 )
 def test_bad_config_file(tmp_path, capsys, text, expected):

@@ -22,8 +22,16 @@ def test_default_self_launch_passes_with_reports(tmp_path):
     # Every scheme ran somewhere in the default matrix (skips are reported, never counted as passed).
     cases = json.loads(report.read_text())["cases"]
     assert {c["scheme"] for c in cases if c["status"] == "passed"} == {
-        "contiguous:t", "contiguous:h", "contiguous:w", "flat", "flat:pad", "flat:uneven",
-        "zigzag", "zigzag:t", "stripe", "usp:2",
+        "contiguous:t",
+        "contiguous:h",
+        "contiguous:w",
+        "flat",
+        "flat:pad",
+        "flat:uneven",
+        "zigzag",
+        "zigzag:t",
+        "stripe",
+        "usp:2",
     }
     assert all(c["details"] for c in cases if c["status"] == "skipped")
     suite = ET.parse(junit).getroot()
@@ -39,8 +47,20 @@ def test_torchrun_standalone(nproc):
 
 def test_torchrun_multinode_style_rendezvous():
     result = torchrun(
-        "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-        "--rdzv-id", uuid.uuid4().hex[:8], "-m", "sp_rope.check", "--quiet", *SMALL,
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "localhost:0",
+        "--rdzv-id",
+        uuid.uuid4().hex[:8],
+        "-m",
+        "sp_rope.check",
+        "--quiet",
+        *SMALL,
     )
     assert result.code == 0, result
 
@@ -60,7 +80,10 @@ def test_console_script():
 def test_wrong_neighbour_slice_fails_naming_rank_scheme_and_token():
     result = check("--nproc", "4", "--impl", f"{FIXTURES}/faulty.py:neighbour_slice", *SMALL)
     assert result.code == 1, result
-    assert "slice-mismatch: rank 0 (contiguous:t, P=2) cos differs from the unsharded table at token (t=0, h=0, w=0)" in result.out
+    assert (
+        "slice-mismatch: rank 0 (contiguous:t, P=2) cos differs from the unsharded table at token (t=0, h=0, w=0)"
+        in result.out
+    )
     assert result.out.strip().splitlines()[-1].startswith("0 passed")
 
 
@@ -73,7 +96,9 @@ def test_in_place_mutation_of_a_cached_table_is_caught():
 def test_rank_that_raises_ends_job_quickly_naming_it():
     marker = uuid.uuid4().hex
     start = time.monotonic()
-    result = check("--nproc", "4", "--report", f"/tmp/{marker}.json", "--impl", f"{FIXTURES}/faulty.py:raise_on_rank2", *SMALL)
+    result = check(
+        "--nproc", "4", "--report", f"/tmp/{marker}.json", "--impl", f"{FIXTURES}/faulty.py:raise_on_rank2", *SMALL
+    )
     assert result.code == 3, result
     assert time.monotonic() - start < 10 + 5, result  # 10 s for the job, slack for interpreter start
     assert "rank 2 failed in phase 'build P=2" in result.err and "injected failure on rank 2" in result.err
@@ -83,8 +108,18 @@ def test_rank_that_raises_ends_job_quickly_naming_it():
 
 def test_rank_that_hangs_ends_job_after_timeout_naming_it():
     marker = uuid.uuid4().hex
-    result = check("--nproc", "4", "--timeout", "5", "--report", f"/tmp/{marker}.json",
-                   "--impl", f"{FIXTURES}/faulty.py:hang_on_rank2", *SMALL, timeout=60)
+    result = check(
+        "--nproc",
+        "4",
+        "--timeout",
+        "5",
+        "--report",
+        f"/tmp/{marker}.json",
+        "--impl",
+        f"{FIXTURES}/faulty.py:hang_on_rank2",
+        *SMALL,
+        timeout=60,
+    )
     assert result.code == 3, result
     assert result.seconds < 5 + 15, result
     assert "rank(s) 2 did not reach phase 'gather P=2'" in result.err, result

@@ -7,15 +7,26 @@ import json
 import pytest
 from helpers import check
 
-ALL_SCHEMES = {"contiguous:t", "contiguous:h", "contiguous:w", "flat", "flat:pad", "flat:uneven",
-               "zigzag", "zigzag:t", "stripe", "usp:2"}
+ALL_SCHEMES = {
+    "contiguous:t",
+    "contiguous:h",
+    "contiguous:w",
+    "flat",
+    "flat:pad",
+    "flat:uneven",
+    "zigzag",
+    "zigzag:t",
+    "stripe",
+    "usp:2",
+}
 
 
 @pytest.mark.parametrize("level", ["apply", "attention"])
 def test_every_scheme_passes_at_level_on_sp_sizes_2_and_4(tmp_path, level):
     report = tmp_path / "r.json"
-    result = check("--nproc", "4", "--level", level, "--dtypes", "float32", "--start-frames", "0,4096",
-                   "--report", str(report))
+    result = check(
+        "--nproc", "4", "--level", level, "--dtypes", "float32", "--start-frames", "0,4096", "--report", str(report)
+    )
     assert result.code == 0, result
     cases = json.loads(report.read_text())["cases"]
     at_level = {(c["scheme"], c["sp_size"]) for c in cases if c["status"] == "passed" and c["level"] == level}
