@@ -561,9 +561,9 @@ def _run_mutants(job: Job, settings: Settings) -> int:
         with phase(f"mutant {name}"):
             report = run_check(job, provider, settings.matrix, settings.levels)
         if report is not None:
-            got = sorted(report.diagnoses())
-            ok = (expected in got) if expected else (report.failed == 0 and report.count("passed") > 0)
-            rows.append((name, convention, expected or "(passes)", ",".join(got) or "pass", ok))
+            found = sorted(report.diagnoses())
+            ok = (expected in found) if expected else (report.failed == 0 and report.count("passed") > 0)
+            rows.append((name, convention, expected or "(passes)", ",".join(found) or "pass", ok))
     code = EXIT_OK
     if job.rank == 0:
         mutants = [r for r in rows if r[2] != "(passes)"]
@@ -573,12 +573,14 @@ def _run_mutants(job: Job, settings: Settings) -> int:
         for name, convention, expected, got, ok in rows:
             verdict = ("killed" if ok else "SURVIVED") if expected != "(passes)" else ("ok" if ok else "FALSE POSITIVE")
             lines.append(f"{name:<34} {convention:<13} {expected:<22} {got:<44} {verdict}")
+        if not mutants:  # an empty catalog proves nothing
+            lines.append("no mutants found in sp_rope.mutants")
         lines.append(
             f"kill rate {100 * killed / max(1, len(mutants)):.0f}% ({killed}/{len(mutants)} mutants), "
             f"{false_positives} false positives ({len(rows) - len(mutants)} correct implementations)"
         )
         print("\n".join(lines), flush=True)
-        code = EXIT_OK if killed == len(mutants) and not false_positives else EXIT_FAIL
+        code = EXIT_OK if mutants and killed == len(mutants) and not false_positives else EXIT_FAIL
     job.sync("finish")
     with phase("finish"):
         return int(job.broadcast(code))
@@ -588,7 +590,8 @@ def _rank_entry(settings: Settings, env: LaunchEnv) -> int:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     try:
-        return record(rank_main)(settings, env)
+        code = record(rank_main)(settings, env)
+        return EXIT_INFRA if code is None else code
     except UsageError as exc:
         _say(str(exc), env.rank)
         return EXIT_USAGE

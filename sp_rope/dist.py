@@ -108,7 +108,7 @@ class Job:
                 rank=env.rank,
                 world_size=env.world_size,
                 timeout=self.timeout,
-                **({"device_id": torch.device(device)} if backend == "nccl" else {}),
+                device_id=torch.device(device) if backend == "nccl" else None,
             )
         self.barrier_group = dist.new_group(backend="gloo", timeout=self.timeout) if backend != "gloo" else None
         self._sp_groups: dict[int, tuple[Any, list[int]]] = {}
