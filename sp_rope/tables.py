@@ -13,6 +13,8 @@ Bit-exactness with FastVideo's builder rests on three facts:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .spec import RopeSpec
@@ -56,12 +58,18 @@ def unravel(indices: torch.Tensor, grid: tuple[int, ...]) -> list[torch.Tensor]:
 
 
 def _blocks(spec: RopeSpec) -> list[tuple[int, int, int]]:
-    """(axis, first column, width) of each axis block in the output, before layout duplication."""
+    """(axis, first column, width) of every axis block in the output.
+
+    ``neox`` lists each block twice (the second half of the row repeats the first), so both fill
+    paths write every column directly and no second pass over the table is needed.
+    """
     blocks, col = [], 0
     step = 1 if spec.layout in ("half", "neox") else 2
     for axis, d in enumerate(spec.rope_dim_list):
         blocks.append((axis, col, d // 2 * step))
         col += d // 2 * step
+    if spec.layout == "neox":
+        blocks += [(axis, col + start, width) for axis, start, width in blocks]
     return blocks
 
 
@@ -78,10 +86,6 @@ def build_table(spec: RopeSpec, indices: torch.Tensor | None = None) -> Table:
         _fill_full(spec, cos, sin)
     else:
         _fill_rows(spec, indices, cos, sin)
-    if spec.layout == "neox":
-        half = spec.head_dim // 2
-        cos[:, half:] = cos[:, :half]
-        sin[:, half:] = sin[:, :half]
     return cos, sin
 
 
@@ -92,16 +96,52 @@ def _axis_tables(spec: RopeSpec) -> list[Table]:
     return tables
 
 
+# A slab (one index of the first axis) is copied whole only when it is at least this big, so the
+# per-slab Python overhead stays small next to the copy itself.
+_SLAB_MIN_BYTES = 1024 * 1024
+
+
+def _broadcast_fill(out: torch.Tensor, grid: tuple[int, ...], first_axis: int, blocks, tables) -> None:
+    """Write each block of axes ``first_axis..`` broadcast over ``out`` viewed as ``[*grid, width]``."""
+    view = out.view(*grid, out.shape[-1])
+    for axis, col, width in blocks:
+        if axis < first_axis:
+            continue
+        shape = [1] * len(grid) + [width]
+        shape[axis - first_axis] = grid[axis - first_axis]
+        view[..., col : col + width] = tables[axis].view(shape)
+
+
+def _fill_grid(
+    grid: tuple[int, ...], blocks: list[tuple[int, int, int]], tables: list[Table],
+    cos: torch.Tensor, sin: torch.Tensor,
+) -> None:
+    """Fill ``cos``/``sin`` (rows: ``grid`` row-major) from per-axis tables with ``grid[a]`` rows each.
+
+    Pure memory-bound copies, no index tensors. When each index of the first axis covers a big
+    enough slab, the slab is assembled once in a small (cache-resident) buffer, only its
+    first-axis block is rewritten per index, and the output is written by one contiguous copy per
+    slab: full rows in one pass, instead of one strided pass per axis block.
+    """
+    width = cos.shape[-1]
+    slab_rows = math.prod(grid[1:])
+    slab = len(grid) > 1 and slab_rows * width * cos.element_size() >= _SLAB_MIN_BYTES
+    for out, part in ((cos, 0), (sin, 1)):
+        axis_tables = [t[part] for t in tables]
+        if not slab:
+            _broadcast_fill(out, grid, 0, blocks, axis_tables)
+            continue
+        buf = torch.empty(slab_rows, width, dtype=out.dtype)
+        _broadcast_fill(buf, grid[1:], 1, blocks, axis_tables)
+        first = [(col, w) for axis, col, w in blocks if axis == 0]
+        for i, rows in enumerate(out.view(grid[0], slab_rows, width)):
+            for col, w in first:
+                buf[:, col : col + w] = axis_tables[0][i]
+            rows.copy_(buf)
+
+
 def _fill_full(spec: RopeSpec, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    # Broadcast each axis block over the grid: a pure memory-bound copy, no index tensors.
-    ndim = len(spec.grid)
-    grid_cos = cos.view(*spec.grid, spec.width)
-    grid_sin = sin.view(*spec.grid, spec.width)
-    for (axis, col, width), (c, s) in zip(_blocks(spec), _axis_tables(spec)):
-        shape = [1] * ndim + [width]
-        shape[axis] = spec.grid[axis]
-        grid_cos[..., col : col + width] = c.view(shape)
-        grid_sin[..., col : col + width] = s.view(shape)
+    _fill_grid(spec.grid, _blocks(spec), _axis_tables(spec), cos, sin)
 
 
 def _fill_rows(spec: RopeSpec, indices: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -110,9 +150,11 @@ def _fill_rows(spec: RopeSpec, indices: torch.Tensor, cos: torch.Tensor, sin: to
         raise ValueError(f"indices must lie in [-1, {spec.num_tokens}), got {indices.min()}..{indices.max()}")
     pad = indices < 0
     coords = unravel(indices.clamp(min=0), spec.grid)
-    for (axis, col, width), (c, s) in zip(_blocks(spec), _axis_tables(spec)):
-        cos[:, col : col + width] = c.index_select(0, coords[axis])
-        sin[:, col : col + width] = s.index_select(0, coords[axis])
+    tables = _axis_tables(spec)
+    for axis, col, width in _blocks(spec):
+        # Gather straight into the output's column block: no temporary, one pass.
+        torch.index_select(tables[axis][0], 0, coords[axis], out=cos[:, col : col + width])
+        torch.index_select(tables[axis][1], 0, coords[axis], out=sin[:, col : col + width])
     if bool(pad.any()):
         cos[pad] = 1.0
         sin[pad] = 0.0
