@@ -1,0 +1,20 @@
+"""ruff and mypy stay clean (configured in pyproject.toml)."""
+
+import subprocess
+import sys
+
+from helpers import REPO
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_ruff_clean():
+    result = _run("ruff", "check", "sp_rope", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_clean():
+    result = _run("mypy")
+    assert result.returncode == 0, result.stdout + result.stderr
