@@ -1,5 +1,5 @@
-"""FastVideo-style cache whose key omits the SP world size: P=2 and P=4 sub-groups (and the
-unsharded table, rank 0 of world 1) collide on a rank's cache."""
+"""FastVideo-style cache whose key omits the SP world size (it keeps do_sp_sharding): a rank that
+is SP rank r in both a P=2 and a P=4 sub-group gets its P=2 slice back in the P=4 group."""
 
 from __future__ import annotations
 
