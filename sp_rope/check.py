@@ -430,6 +430,17 @@ def _gather_and_verify(
                         case.fail("slice-mismatch", f"rank {group_ranks[sp_rank]} returned no table for this case")
                     slices.append(sent)
                 reference = _reference(provider, spec, job.device)
+                want = ((spec.num_tokens, spec.width), spec.torch_dtype)
+                got = (tuple(reference.cos.shape), reference.cos.dtype)
+                if got != want or reference.sin.shape != reference.cos.shape:
+                    # Nothing else can be compared against a table of the wrong shape or dtype.
+                    case.fail(
+                        "oracle-mismatch",
+                        f"the unsharded table is {list(reference.cos.shape)} {reference.cos.dtype}, "
+                        f"the spec needs {list(want[0])} {want[1]}",
+                    )
+                    verified[ci] = case
+                    continue
                 if all(s is not None for s in slices):
                     compare_slices(case, spec, plan, slices, reference)
                     _verify_levels(case, spec, plan, slices, reference, hidden)
