@@ -27,7 +27,7 @@ def axis_positions(spec: RopeSpec, axis: int) -> torch.Tensor:
     pos = torch.arange(spec.grid[axis], dtype=torch.float32)
     if axis == 0 and spec.start_frame:
         pos = pos + spec.start_frame
-    return pos * spec.interpolation_factor[axis]
+    return pos * spec.interpolation_factor[axis]  # type: ignore[index]
 
 
 def axis_frequencies(spec: RopeSpec, axis: int) -> torch.Tensor:
