@@ -10,8 +10,8 @@ so on every hit the cache checks that nobody mutated them in place (torch's per-
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +70,18 @@ def _versions(value: RopeSlice) -> tuple[int, ...]:
     return (value.cos._version, value.sin._version, value.indices._version)
 
 
+_DEVICE_NAMES: dict[str | torch.device, str] = {}
+
+
+def _device_name(device: str | torch.device) -> str:
+    """``str(torch.device(device))``; str and torch.device spellings are memoized in _DEVICE_NAMES
+    (constructing a torch.device costs microseconds, a dict lookup tens of nanoseconds)."""
+    name = str(torch.device(device))
+    if isinstance(device, (str, torch.device)) and len(_DEVICE_NAMES) < 64:
+        _DEVICE_NAMES[device] = name
+    return name
+
+
 def build_slice(spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str = "cpu") -> RopeSlice:
     """Build one rank's slice, uncached: only the rank's rows are ever materialized.
 
@@ -101,37 +113,53 @@ class RopeCache:
         self.max_bytes = max_bytes
         self.builder = builder  # what a miss calls; sp_rope's builder unless wrapping another one
         self.stats = CacheStats()
-        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        # Keyed by the CacheKey's fields as a tuple; each entry's value.key is its CacheKey.
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        # The entry last inserted or moved to the end. A hit on it skips move_to_end (which hashes
+        # the key again); a removed entry can never be hit, so a stale _mru is harmless.
+        self._mru: _Entry | None = None
         self._lock = threading.Lock()
 
     def get(
         self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str | torch.device = "cpu"
     ) -> RopeSlice:
-        key = CacheKey(spec, plan, sp_rank, sp_size, str(torch.device(device)))
+        # The hit path is hot (every denoising step, every layer that asks): the lookup key is a
+        # plain tuple of the same five fields a CacheKey holds (equal and equally hashed exactly
+        # when the CacheKeys are), and the CacheKey object itself is only built on a miss.
+        try:
+            dev = _DEVICE_NAMES[device]
+        except (KeyError, TypeError):  # first use of this spelling, or not a str/torch.device
+            dev = _device_name(device)
+        lookup = (spec, plan, sp_rank, sp_size, dev)
+        entries = self._entries
         with self._lock:
-            entry = self._entries.get(key)
+            entry = entries.get(lookup)
             if entry is not None:
-                if _versions(entry.value) != entry.versions:
-                    del self._entries[key]
-                    self.stats.bytes -= entry.value.nbytes
+                value = entry.value
+                if (value.cos._version, value.sin._version, value.indices._version) != entry.versions:
+                    del entries[lookup]
+                    self.stats.bytes -= value.nbytes
                     raise CacheMutationError(
-                        f"cached RoPE table for {key} was modified in place; cache entries are read-only"
+                        f"cached RoPE table for {value.key} was modified in place; cache entries are read-only"
                     )
-                self._entries.move_to_end(key)
+                if entry is not self._mru:  # already the most recent: its position is right
+                    entries.move_to_end(lookup)
+                    self._mru = entry
                 self.stats.hits += 1
-                return entry.value
+                return value
             self.stats.misses += 1
+        key = CacheKey(spec, plan, sp_rank, sp_size, dev)
         # Build outside the lock so threads asking for different keys do not serialize.
-        built = self.builder(spec, plan, sp_rank, sp_size, key.device)
+        built = self.builder(spec, plan, sp_rank, sp_size, dev)
         value = RopeSlice(built.cos, built.sin, built.indices, key)
         with self._lock:
-            raced = self._entries.get(key)
+            raced = self._entries.get(lookup)
             if raced is not None:  # another thread built the same key first: share its entry
                 return raced.value
             if value.nbytes > self.max_bytes:
                 self.stats.uncacheable += 1
                 return value
-            self._entries[key] = _Entry(value, _versions(value))
+            self._entries[lookup] = self._mru = _Entry(value, _versions(value))
             self.stats.bytes += value.nbytes
             self._evict()
         return value
@@ -145,7 +173,7 @@ class RopeCache:
     def keys(self) -> list[CacheKey]:
         """Current keys, least recently used first."""
         with self._lock:
-            return list(self._entries)
+            return [entry.value.key for entry in self._entries.values()]  # type: ignore[misc]  # always a CacheKey here
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -111,6 +111,22 @@ class RopeSpec:
         if sf + grid[0] > 2**24:
             raise ValueError(f"start_frame must keep time positions below 2**24, got {sf!r}")
 
+    def __hash__(self) -> int:
+        # The generated frozen-dataclass hash rehashes all eight fields on every call, and every
+        # cache hit hashes its spec: compute the same value once and keep it. It is kept out of
+        # pickles (``__getstate__``) because str hashes differ between processes.
+        try:
+            return self._hash  # type: ignore[attr-defined]
+        except AttributeError:
+            value = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", value)
+            return value
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state.pop("_hash", None)
+        return state
+
     @classmethod
     def for_head_dim(cls, grid: Sequence[int], head_dim: int, **fields: object) -> RopeSpec:
         """A spec with the default per-axis split of ``head_dim``."""
