@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
@@ -122,7 +123,8 @@ def test_rank_that_hangs_ends_job_after_timeout_naming_it():
     )
     assert result.code == 3, result
     assert result.seconds < 5 + 15, result
-    assert "rank(s) 2 did not reach phase 'gather P=2'" in result.err, result
+    # Rank 2 is named; on a loaded machine a slow healthy rank may be named beside it.
+    assert re.search(r"rank\(s\) (\d+, )*2(, \d+)* did not reach phase 'gather P=2'", result.err), result
     time.sleep(0.5)  # the agent has already reaped its workers; give /proc a moment
     assert processes_with(marker) == []
 

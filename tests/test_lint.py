@@ -11,7 +11,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_ruff_clean():
-    result = _run("ruff", "check", "sp_rope", "tests", "benchmarks")
+    paths = [p for p in ("sp_rope", "tests", "benchmarks") if (REPO / p).is_dir()]
+    result = _run("ruff", "check", *paths)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
