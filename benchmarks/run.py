@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -84,14 +85,17 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def race(fns: dict[str, Callable[[], object]], s: Settings) -> dict[str, float]:
     """Seconds per call of each function: a warm-up call each, then interleaved rounds (at least
-    ``s.rounds``, more until ``s.seconds`` went by, at most 100); the minimum per function. The
-    result is freed after the clock stops."""
+    ``s.rounds``, more until ``s.seconds`` went by, at most 100), each in a fresh random order so
+    no function always runs right after the same (cache-polluting) neighbour; the minimum per
+    function. The result is freed after the clock stops."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, math.inf)
+    order, shuffle = list(fns.items()), random.Random(0).shuffle
     start, rounds = time.perf_counter(), 0
     while rounds < s.rounds or (time.perf_counter() - start < s.seconds and rounds < 100):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name, fn in order:
             t0 = time.perf_counter()
             out = fn()
             best[name] = min(best[name], time.perf_counter() - t0)
@@ -150,15 +154,16 @@ def fig_rank(s: Settings) -> list[Row]:
     spec = wan_spec(grid)
     args = naive_args(spec)
     full = build_table(spec)  # bit-identical to naive_full (figure 1)
-    fns: dict[str, Callable[[], object]] = {
-        "build_table": partial(build_table, spec), "naive_full": partial(naive_full, **args)
-    }
+    # Two races: sp_rope's full build and slices, and the naive full build and slices, so a small
+    # slice is never timed right after a 400 MiB naive build has flushed the caches.
+    fns: dict[str, Callable[[], object]] = {"build_table": partial(build_table, spec)}
+    naive_fns: dict[str, Callable[[], object]] = {"naive_full": partial(naive_full, **args)}
     cases = []
     for size in (2, 4, 8):
         axis = next(a for a, n in enumerate(grid) if n % size == 0)  # 21x45x80: w for 2, 4 and 8
         naive_slice = partial(naive_rank, **args, shard_dim=axis, sp_rank=0, world=size)
         if size in s.naive_sizes:
-            fns[f"naive/{size}"] = naive_slice
+            naive_fns[f"naive/{size}"] = naive_slice
         for plan in (ShardPlan("contiguous", axis=axis), ShardPlan("flat")):
             piece, idx = build_slice(spec, plan, 0, size), plan.indices(grid, 0, size)
             identical = same_bits(piece.cos, full[0][idx]) and same_bits(piece.sin, full[1][idx])
@@ -167,7 +172,7 @@ def fig_rank(s: Settings) -> list[Row]:
                 identical = identical and same_bits(piece.cos, naive[0]) and same_bits(piece.sin, naive[1])
             fns[f"{plan}/{size}"] = partial(build_slice, spec, plan, 0, size)
             cases.append((size, plan, identical))
-    t = race(fns, s)
+    t = {**race(fns, s), **race(naive_fns, s)}
     rows = []
     for size, plan, identical in cases:
         naive_t = t.get(f"naive/{size}")
@@ -344,7 +349,8 @@ def machine(threads: int) -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "torch_threads": threads, "loadavg_start": os.getloadavg()[0]}
+            "torch_threads": threads, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+            "loadavg_start": os.getloadavg()[0]}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -396,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     info = machine(a.threads)
     print(f"sp_rope benchmarks ({'quick' if a.quick else 'full'}: {s}): {info['cpu']}, {info['cpus']} CPUs, "
-          f"torch {info['torch']}, torch.set_num_threads({a.threads}), load average {info['loadavg_start']:.2f}",
+          f"torch {info['torch']}, torch.set_num_threads({a.threads}), load average {info['loadavg_start']:.2f}"
+          f"{', THP_MEM_ALLOC_ENABLE=' + info['THP_MEM_ALLOC_ENABLE'] if info['THP_MEM_ALLOC_ENABLE'] else ''}",
           flush=True)
     start, rows = time.perf_counter(), []
     for key in dict.fromkeys(builds if key in ("1", "2") else key for key in only):
