@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import AXIS_NAMES
+from .spec import AXIS_NAMES, hash_once, state_without_hash
 
 
 class ShardError(ValueError):
@@ -143,6 +143,10 @@ class ShardPlan:
     axis: int | None = None
     mode: str = "even"
     ring: int = 2
+
+    # Every cache lookup hashes its plan, as it does its spec.
+    __hash__ = hash_once
+    __getstate__ = state_without_hash
 
     def __post_init__(self) -> None:
         if self.scheme == "contiguous" and self.axis is None:  # one spelling, one cache key

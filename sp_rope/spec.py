@@ -34,6 +34,28 @@ def default_rope_dim_list(head_dim: int, ndim: int = 3) -> tuple[int, ...]:
     raise ValueError(f"grid must have 1, 2 or 3 axes, got {ndim}")
 
 
+def hash_once(self: object) -> int:
+    """``__hash__`` for frozen dataclasses that are hashed on every cache lookup.
+
+    The generated frozen-dataclass hash rehashes every field on every call; the fields never
+    change, so compute the same value once and keep it on the instance.
+    """
+    try:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
+    except AttributeError:
+        value = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))  # type: ignore[arg-type]
+        object.__setattr__(self, "_hash", value)
+        return value
+
+
+def state_without_hash(self: object) -> dict[str, object]:
+    """``__getstate__`` to pair with :func:`hash_once`: str hashes differ between processes, so a
+    kept hash must not travel in a pickle."""
+    state = dict(self.__dict__)
+    state.pop("_hash", None)
+    return state
+
+
 def _per_axis(name: str, value: Factor, ndim: int) -> tuple[float, ...]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         values: tuple[float, ...] = (float(value),) * ndim
@@ -111,21 +133,9 @@ class RopeSpec:
         if sf + grid[0] > 2**24:
             raise ValueError(f"start_frame must keep time positions below 2**24, got {sf!r}")
 
-    def __hash__(self) -> int:
-        # The generated frozen-dataclass hash rehashes all eight fields on every call, and every
-        # cache hit hashes its spec: compute the same value once and keep it. It is kept out of
-        # pickles (``__getstate__``) because str hashes differ between processes.
-        try:
-            return self._hash  # type: ignore[attr-defined]
-        except AttributeError:
-            value = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
-            object.__setattr__(self, "_hash", value)
-            return value
-
-    def __getstate__(self) -> dict[str, object]:
-        state = dict(self.__dict__)
-        state.pop("_hash", None)
-        return state
+    # Every cache lookup hashes its spec: see hash_once.
+    __hash__ = hash_once
+    __getstate__ = state_without_hash
 
     @classmethod
     def for_head_dim(cls, grid: Sequence[int], head_dim: int, **fields: object) -> RopeSpec:
