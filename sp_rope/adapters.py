@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .cache import RopeCache, RopeSlice
+from .cache import CacheMutationError, RopeCache, RopeSlice
 from .config import ConfigError
 from .providers import UNSHARDED, NativeProvider, Provider, SpRopeProvider
 from .sharding import ShardPlan
@@ -152,6 +152,10 @@ class FastVideoNdProvider(Provider):
     def __init__(self, fn: Any, name: str) -> None:
         self.fn, self.name = fn, name
         self.cache = RopeCache(max_entries=3, builder=self._build)
+        # The cache stores a copy of what the builder returns, so a builder that later writes into
+        # tensors it returned (a reused workspace) cannot corrupt it; that bug is still the
+        # builder's, so the tensors it returned for cached keys are watched here.
+        self._returned: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
 
     def skip_reason(self, spec: RopeSpec, plan: ShardPlan) -> str | None:
         return FastVideoProvider.skip_reason(self, spec, plan)  # type: ignore[arg-type]
@@ -170,10 +174,22 @@ class FastVideoNdProvider(Provider):
             start_frame=spec.start_frame,
             use_real=spec.layout == "interleaved",
         )
+        self._returned[(spec, plan, sp_rank, sp_size, device)] = [(t, t._version) for t in (cos, sin)]
         return RopeSlice(cos.to(device), sin.to(device), plan.indices(spec.grid, sp_rank, sp_size))
 
     def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
-        return self.cache.get(spec, plan, sp_rank, sp_size, device)
+        out = self.cache.get(spec, plan, sp_rank, sp_size, device)
+        cached = {(k.spec, k.plan, k.sp_rank, k.sp_size, k.device) for k in self.cache.keys()}
+        for key in list(self._returned):
+            if key not in cached:
+                del self._returned[key]
+            elif any(t._version != v for t, v in self._returned[key]):
+                del self._returned[key]
+                raise CacheMutationError(
+                    f"{self.name} wrote into the tables it returned for {key[0]} ({key[1]}, rank {key[2]}/{key[3]}) "
+                    "after returning them, while they were cached; cache entries are read-only"
+                )
+        return out
 
     def full(self, spec: RopeSpec, device: str) -> RopeSlice:
         return self._build(spec, UNSHARDED, 0, 1, device)

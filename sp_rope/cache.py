@@ -3,16 +3,16 @@
 The key is every field that shapes the output (the whole frozen ``RopeSpec``, the
 ``ShardPlan``, ``sp_rank``, ``sp_size`` and the device), so two ranks, two SP group sizes or two
 causal ``start_frame`` offsets can never share an entry. Entries are shared between callers,
-so on every hit the cache checks that nobody mutated them in place (torch's per-tensor
-``_version`` counter) and refuses to hand out a corrupted table.
+so on every hit the cache checks that nobody mutated them in place (torch's version counter,
+shared by the views of one allocation) and refuses to hand out a corrupted table.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,12 +39,18 @@ class CacheKey:
 
 @dataclass(frozen=True)
 class RopeSlice:
-    """One rank's table: ``cos``/``sin`` rows for the global token ``indices`` (-1: padding)."""
+    """One rank's table: ``cos``/``sin`` rows for the global token ``indices`` (-1: padding).
+
+    ``guard``, when set, is a tensor whose version counter is shared by ``cos``, ``sin`` and
+    ``indices`` (all three are views of it): one read of ``guard._version`` tells whether any of
+    them was written in place. :func:`build_slice` and the cache's entries always set it.
+    """
 
     cos: torch.Tensor
     sin: torch.Tensor
     indices: torch.Tensor
     key: object = None
+    guard: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -60,14 +66,47 @@ class CacheStats:
     uncacheable: int = 0  # single entries larger than the byte budget, returned but not kept
 
 
-@dataclass
-class _Entry:
-    value: RopeSlice
-    versions: tuple[int, ...] = field(default_factory=tuple)
+_ALIGN = 64  # bytes; each view starts on a cache line
 
 
-def _versions(value: RopeSlice) -> tuple[int, ...]:
-    return (value.cos._version, value.sin._version, value.indices._version)
+def _round_up(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _carve(raw: torch.Tensor, rows: int, width: int, dtype: torch.dtype) -> RopeSlice:
+    """``indices``, ``cos``, ``sin`` as views of the byte buffer ``raw`` (see :func:`_packed`)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    table = rows * width * item
+    at = (0, _round_up(8 * rows), _round_up(8 * rows) + _round_up(table))
+    indices = raw[at[0] : at[0] + 8 * rows].view(torch.int64)
+    cos, sin = (raw[a : a + table].view(dtype).view(rows, width) for a in at[1:])
+    return RopeSlice(cos, sin, indices, guard=raw)
+
+
+def _packed(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> RopeSlice:
+    """An uninitialized slice in one allocation. Views share their base's version counter, so a
+    cache hit checks one counter instead of three (the hit path is a few hundred nanoseconds)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(_round_up(8 * rows) + 2 * _round_up(rows * width * item), dtype=torch.uint8, device=device)
+    return _carve(raw, rows, width, dtype)
+
+
+def _repacked(value: RopeSlice) -> RopeSlice:
+    """A foreign builder's slice copied into one allocation on the table's device (bits unchanged),
+    so the entry does not alias tensors the builder may still hold and write."""
+    if value.guard is not None:
+        return value
+    rows, width = value.cos.shape
+    if value.sin.shape != value.cos.shape or value.sin.dtype != value.cos.dtype or value.indices.numel() != rows:
+        raise ValueError(
+            f"builder returned cos {tuple(value.cos.shape)}, sin {tuple(value.sin.shape)}, "
+            f"indices {tuple(value.indices.shape)}: expected [rows, width] twice and [rows]"
+        )
+    out = _packed(rows, width, value.cos.dtype, value.cos.device)
+    out.cos.copy_(value.cos)
+    out.sin.copy_(value.sin)
+    out.indices.copy_(value.indices.reshape(-1))
+    return RopeSlice(out.cos, out.sin, out.indices, value.key, out.guard)
 
 
 _DEVICE_NAMES: dict[str | torch.device, str] = {}
@@ -76,6 +115,10 @@ _DEVICE_NAMES: dict[str | torch.device, str] = {}
 def _device_name(device: str | torch.device) -> str:
     """``str(torch.device(device))``; str and torch.device spellings are memoized in _DEVICE_NAMES
     (constructing a torch.device costs microseconds, a dict lookup tens of nanoseconds)."""
+    try:
+        return _DEVICE_NAMES[device]
+    except (KeyError, TypeError):  # first use of this spelling, or not a str/torch.device
+        pass
     name = str(torch.device(device))
     if isinstance(device, (str, torch.device)) and len(_DEVICE_NAMES) < 64:
         _DEVICE_NAMES[device] = name
@@ -89,15 +132,35 @@ def build_slice(spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, dev
     CPU (and golden) one; GPU cos/sin kernels are not bit-identical to CPU libm.
     """
     indices = plan.indices(spec.grid, sp_rank, sp_size)
-    cos, sin = build_table(spec, indices)
+    rows = int(indices.numel())
+    out = _packed(rows, spec.width, spec.torch_dtype, torch.device("cpu"))
+    out.indices.copy_(indices)
+    build_table(spec, indices, out=(out.cos, out.sin))
     target = torch.device(device)
     if target.type != "cpu":
-        cos, sin, indices = (t.to(target) for t in (cos, sin, indices))
-    return RopeSlice(cos, sin, indices)
+        out = _carve(out.guard.to(target), rows, spec.width, spec.torch_dtype)  # type: ignore[union-attr]
+    return out
+
+
+class _Entry:
+    __slots__ = ("value", "guard", "version", "last_used")
+
+    def __init__(self, value: RopeSlice, last_used: int) -> None:
+        self.value = value
+        self.guard: torch.Tensor = value.guard  # type: ignore[assignment]  # always set on entries
+        self.version = self.guard._version
+        self.last_used = last_used
 
 
 class RopeCache:
-    """LRU bounded by ``max_entries`` and ``max_bytes``; hits refresh recency."""
+    """LRU bounded by ``max_entries`` and ``max_bytes``; hits refresh recency.
+
+    Hits take no lock. Under the GIL a dict read and ``next()`` on an ``itertools.count`` are
+    atomic, and everything else a hit touches is owned by its entry; inserts, evictions and
+    removals hold the lock. Recency is a tick from one counter, taken by every hit and every
+    insert, so the hit count is exact without a shared ``+= 1``: ticks taken minus ticks
+    not taken by hits.
+    """
 
     def __init__(
         self,
@@ -112,68 +175,73 @@ class RopeCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.builder = builder  # what a miss calls; sp_rope's builder unless wrapping another one
-        self.stats = CacheStats()
-        # Keyed by the CacheKey's fields as a tuple; each entry's value.key is its CacheKey.
-        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
-        # The entry last inserted or moved to the end. A hit on it skips move_to_end (which hashes
-        # the key again); a removed entry can never be hit, so a stale _mru is harmless.
-        self._mru: _Entry | None = None
+        # Keyed by the CacheKey's fields as a plain tuple (equal and equally hashed exactly when
+        # the CacheKeys are); the CacheKey object itself is built only on a miss, as value.key.
+        self._entries: dict[tuple, _Entry] = {}
         self._lock = threading.Lock()
+        self._clock = itertools.count()
+        self._other_ticks = 0  # ticks taken by inserts and stats reads, not hits
+        self._counts = CacheStats()  # everything but hits, changed under the lock
 
     def get(
         self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str | torch.device = "cpu"
     ) -> RopeSlice:
-        # The hit path is hot (every denoising step, every layer that asks): the lookup key is a
-        # plain tuple of the same five fields a CacheKey holds (equal and equally hashed exactly
-        # when the CacheKeys are), and the CacheKey object itself is only built on a miss.
-        try:
-            dev = _DEVICE_NAMES[device]
-        except (KeyError, TypeError):  # first use of this spelling, or not a str/torch.device
-            dev = _device_name(device)
+        # The hit path is hot (every denoising step, every layer that asks): one dict read, one
+        # version counter, one tick.
+        entry = self._entries.get((spec, plan, sp_rank, sp_size, device if device == "cpu" else _device_name(device)))
+        if entry is not None and entry.guard._version == entry.version:
+            entry.last_used = next(self._clock)
+            return entry.value
+        return self._get_locked(spec, plan, sp_rank, sp_size, _device_name(device))
+
+    def _get_locked(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, dev: str) -> RopeSlice:
         lookup = (spec, plan, sp_rank, sp_size, dev)
-        entries = self._entries
         with self._lock:
-            entry = entries.get(lookup)
+            entry = self._entries.get(lookup)
             if entry is not None:
-                value = entry.value
-                if (value.cos._version, value.sin._version, value.indices._version) != entry.versions:
-                    del entries[lookup]
-                    self.stats.bytes -= value.nbytes
+                if entry.guard._version != entry.version:
+                    self._remove(lookup)
                     raise CacheMutationError(
-                        f"cached RoPE table for {value.key} was modified in place; cache entries are read-only"
+                        f"cached RoPE table for {entry.value.key} was modified in place; cache entries are read-only"
                     )
-                if entry is not self._mru:  # already the most recent: its position is right
-                    entries.move_to_end(lookup)
-                    self._mru = entry
-                self.stats.hits += 1
-                return value
-            self.stats.misses += 1
+                entry.last_used = next(self._clock)  # inserted by another thread since the first look
+                return entry.value
+            self._counts.misses += 1
         key = CacheKey(spec, plan, sp_rank, sp_size, dev)
         # Build outside the lock so threads asking for different keys do not serialize.
-        built = self.builder(spec, plan, sp_rank, sp_size, dev)
-        value = RopeSlice(built.cos, built.sin, built.indices, key)
+        value = replace(_repacked(self.builder(spec, plan, sp_rank, sp_size, dev)), key=key)
         with self._lock:
             raced = self._entries.get(lookup)
             if raced is not None:  # another thread built the same key first: share its entry
                 return raced.value
             if value.nbytes > self.max_bytes:
-                self.stats.uncacheable += 1
+                self._counts.uncacheable += 1
                 return value
-            self._entries[lookup] = self._mru = _Entry(value, _versions(value))
-            self.stats.bytes += value.nbytes
-            self._evict()
+            self._other_ticks += 1
+            self._entries[lookup] = _Entry(value, next(self._clock))
+            self._counts.bytes += value.nbytes
+            while len(self._entries) > self.max_entries or self._counts.bytes > self.max_bytes:
+                self._remove(min(self._entries, key=lambda k: self._entries[k].last_used))
+                self._counts.evictions += 1
         return value
 
-    def _evict(self) -> None:
-        while len(self._entries) > self.max_entries or self.stats.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.stats.bytes -= old.value.nbytes
-            self.stats.evictions += 1
+    def _remove(self, lookup: tuple) -> None:
+        self._counts.bytes -= self._entries.pop(lookup).value.nbytes
+
+    @property
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            ticks = next(self._clock)  # ticks taken before this one
+            hits = ticks - self._other_ticks
+            self._other_ticks += 1
+            return replace(self._counts, hits=hits)
 
     def keys(self) -> list[CacheKey]:
         """Current keys, least recently used first."""
         with self._lock:
-            return [entry.value.key for entry in self._entries.values()]  # type: ignore[misc]  # always a CacheKey here
+            entries = sorted(self._entries.values(), key=lambda e: e.last_used)
+            return [e.value.key for e in entries]  # type: ignore[misc]  # always a CacheKey here
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -181,7 +249,7 @@ class RopeCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self.stats.bytes = 0
+            self._counts.bytes = 0
 
 
 _default_cache = RopeCache()

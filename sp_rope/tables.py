@@ -73,15 +73,23 @@ def _blocks(spec: RopeSpec) -> list[tuple[int, int, int]]:
     return blocks
 
 
-def build_table(spec: RopeSpec, indices: torch.Tensor | None = None) -> Table:
+def build_table(spec: RopeSpec, indices: torch.Tensor | None = None, out: Table | None = None) -> Table:
     """cos/sin ``[tokens, spec.width]`` in ``spec.dtype`` on the CPU.
 
     ``indices`` (int64, global row-major token indices) selects rows in that order; ``-1`` marks
     a padding row, which gets the identity rotation (cos 1, sin 0). ``None`` builds all tokens.
+    ``out``: contiguous CPU cos/sin tensors of that shape and dtype to write into (and return).
     """
     n = spec.num_tokens if indices is None else int(indices.numel())
-    cos = torch.empty(n, spec.width, dtype=spec.torch_dtype)
-    sin = torch.empty_like(cos)
+    if out is None:
+        cos = torch.empty(n, spec.width, dtype=spec.torch_dtype)
+        sin = torch.empty_like(cos)
+    else:
+        cos, sin = out
+        for t in out:
+            if t.shape != (n, spec.width) or t.dtype != spec.torch_dtype or not t.is_contiguous() or t.is_cuda:
+                want = f"contiguous CPU [{n}, {spec.width}] {spec.dtype}"
+                raise ValueError(f"out: expected {want}, got {list(t.shape)} {t.dtype} on {t.device}")
     if indices is None:
         _fill_full(spec, cos, sin)
     else:

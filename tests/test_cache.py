@@ -12,6 +12,7 @@ from sp_rope import (
     CacheKey,
     CacheMutationError,
     RopeCache,
+    RopeSlice,
     RopeSpec,
     ShardPlan,
     build_slice,
@@ -299,3 +300,49 @@ def test_threads_with_evictions_stay_correct_and_within_budget() -> None:
     # The byte counter agrees with the entries actually held.
     held = {(k.spec, k.plan, k.sp_rank, k.sp_size, k.device) for k in cache.keys()}
     assert cache.stats.bytes == sum(entry_bytes[args] for args in held)
+
+
+# ---------------------------------------------------------------------------------------------
+# One allocation per entry: one version counter guards cos, sin and indices.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_entries_are_views_of_one_allocation() -> None:
+    piece = RopeCache().get(*BASE)
+    assert piece.guard is not None
+    for t in (piece.cos, piece.sin, piece.indices):
+        assert t.untyped_storage().data_ptr() == piece.guard.untyped_storage().data_ptr()
+        before = piece.guard._version
+        t.view(-1)[:1].add_(0)  # any in-place write to any of the three moves the shared counter
+        assert piece.guard._version > before
+    # The three views do not overlap.
+    views = (piece.indices, piece.cos, piece.sin)
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in views)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
+def test_foreign_builder_output_is_copied_not_aliased() -> None:
+    """A wrapped builder may keep (and later write) the tensors it returned; the entry must not change."""
+    kept: list = []
+
+    def builder(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        sl = build_slice(spec, plan, sp_rank, sp_size, device)
+        cos, sin, idx = sl.cos.clone(), sl.sin.clone(), sl.indices.clone()  # three separate tensors
+        kept.append((cos, sin, idx))
+        return RopeSlice(cos, sin, idx)
+
+    cache = RopeCache(builder=builder)
+    piece = cache.get(*BASE)
+    for t in kept[0]:
+        t.zero_()  # the builder's own tensors, not the cache's
+    again = cache.get(*BASE)
+    assert again is piece and not _differs(again, build_slice(*BASE))
+
+
+def test_foreign_builder_with_mismatched_shapes_is_refused() -> None:
+    def builder(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        sl = build_slice(spec, plan, sp_rank, sp_size, device)
+        return RopeSlice(sl.cos, sl.sin[:-1].clone(), sl.indices.clone())
+
+    with pytest.raises(ValueError, match=r"builder returned cos .*expected \[rows, width\] twice"):
+        RopeCache(builder=builder).get(*BASE)

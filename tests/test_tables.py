@@ -359,3 +359,25 @@ def test_tolerance_rejects_a_one_frame_shift(dtype: str, start_frame: int) -> No
     spec = RopeSpec((4, 6, 8), (44, 42, 42), dtype=dtype, start_frame=start_frame)
     wrong = build_table(spec.replace(start_frame=start_frame + 1))
     assert _max_err(wrong, oracle_table(spec)) > tolerance(spec)
+
+
+def test_build_table_writes_into_out() -> None:
+    spec = RopeSpec.for_head_dim((3, 4, 5), 16, start_frame=2)
+    idx = torch.tensor([7, 0, 59, 13])
+    out = (torch.full((4, spec.width), 9.0, dtype=torch.float64), torch.full((4, spec.width), 9.0, dtype=torch.float64))
+    cos, sin = build_table(spec, idx, out=out)
+    assert cos is out[0] and sin is out[1]
+    want = build_table(spec, idx)
+    assert torch.equal(cos, want[0]) and torch.equal(sin, want[1])
+
+
+@pytest.mark.parametrize(
+    "bad", [lambda n, w: torch.empty(n, w + 1, dtype=torch.float64), lambda n, w: torch.empty(n, w),
+            lambda n, w: torch.empty(w, n, dtype=torch.float64).t()],
+    ids=["shape", "dtype", "not-contiguous"],
+)
+def test_build_table_rejects_a_wrong_out(bad) -> None:  # type: ignore[no-untyped-def]
+    spec = RopeSpec.for_head_dim((3, 4, 5), 16)
+    idx = torch.arange(4)
+    with pytest.raises(ValueError, match=r"^out: expected contiguous CPU \[4, 16\] float64"):
+        build_table(spec, idx, out=(bad(4, spec.width), torch.empty(4, spec.width, dtype=torch.float64)))
