@@ -8,7 +8,9 @@ crashed rank turns into an error naming it and the phase instead of a silent 30-
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,17 +150,45 @@ class Job:
         """Objects of ``group`` at its first rank (None elsewhere)."""
         leader = group_ranks[0]
         out: list[Any] | None = [None] * len(group_ranks) if self.rank == leader else None
-        dist.gather_object(obj, out, dst=leader, group=group)
-        return out
+        dist.gather_object(dumps(obj), out, dst=leader, group=group)
+        return None if out is None else [loads(blob) for blob in out]
 
     def broadcast(self, obj: Any) -> Any:
-        holder = [obj]
+        holder = [dumps(obj) if self.rank == 0 else None]
         dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        return loads(holder[0])  # type: ignore[arg-type]
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def _tensor_from_bytes(dtype: str, shape: tuple[int, ...], data: bytes) -> torch.Tensor:
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return flat.view(getattr(torch, dtype)).reshape(shape)
+
+
+class _TensorBytesPickler(pickle.Pickler):
+    """Pickles CPU tensors as their raw bytes. torch's own tensor pickling goes through its storage
+    machinery at ~0.5 ms a tensor; a check gathers thousands of small tables, so that was seconds
+    per rank (raw bytes: ~0.1 ms)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided:
+            data = obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            return _tensor_from_bytes, (str(obj.dtype).removeprefix("torch."), tuple(obj.shape), data)
+        return NotImplemented
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle for collectives: CPU tensors travel as raw bytes (see _TensorBytesPickler)."""
+    buf = io.BytesIO()
+    _TensorBytesPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def loads(blob: bytes) -> Any:
+    return pickle.loads(blob)
 
 
 def _first_line(exc: BaseException) -> str:
