@@ -271,12 +271,17 @@ def fig_verdict(s: Settings) -> list[Row]:
 
 
 def fig_gpu(s: Settings) -> list[Row]:
-    name = "GPU 720p per step: device-resident cache / (CPU table + .to(device))"
+    """Per step, a denoising loop asks for its table once per forward (cond and uncond). Target:
+    >= 100x cheaper per step than FastVideo's pattern (CPU memo, then ``.to(device)`` every step).
+    Our cache builds on the CPU and moves the table once (bit-identical to the CPU and golden
+    tables); later hits return the resident table. Both sides synchronize, so copies are counted."""
+    name = "GPU 720p per step: device-resident cache / (CPU memo + .to(device))"
     if not torch.cuda.is_available():
-        return [Row("6", name, None, 1.0, "<=", "skipped: no CUDA device")]
+        return [Row("6", name, None, 0.01, "<=", "skipped: no CUDA device")]
     spec, plan, dev = wan_spec(GEOMETRIES["wan-720p"]), ShardPlan("contiguous", axis=0), GPU
     cache, memo = RopeCache(), MemoRope()
     memo_args = (list(spec.grid), list(spec.rope_dim_list), 10000.0, True, 1.0, 1.0, 0, 0, 1, 0, torch.float64)
+    pinned = tuple(t.pin_memory() for t in memo.get(*memo_args))
 
     def ours() -> object:
         out = cache.get(spec, plan, 0, 1, dev)
@@ -288,17 +293,28 @@ def fig_gpu(s: Settings) -> list[Row]:
         torch.cuda.synchronize()
         return out
 
+    def fastvideo_pinned() -> object:
+        out = tuple(t.to(dev, non_blocking=True) for t in pinned)
+        torch.cuda.synchronize()
+        return out
+
     def loop(fn: Callable[[], object]) -> None:
         for _ in range(50 * 2):  # 50 denoising steps, cond + uncond
             fn()
 
-    step = race({"ours": ours, "fastvideo": fastvideo}, s)
+    step = race({"ours": ours, "fastvideo": fastvideo, "fastvideo_pinned": fastvideo_pinned}, s)
     loops = race({"ours": partial(loop, ours), "fastvideo": partial(loop, fastvideo)}, Settings(2, 0, 0, 0, 0))
     same = same_bits(cache.get(spec, plan, 0, 1, dev).cos.cpu(), memo.get(*memo_args)[0])
-    note = f"{torch.cuda.get_device_name()}; bit-identical: {_yes(same)}"
-    return [Row("6a", name, step["ours"] / step["fastvideo"], 1.0, "<=", note, same, _ms(step)),
-            Row("6b", "GPU 720p, 50 steps x 2 CFG loop: same ratio", loops["ours"] / loops["fastvideo"], 1.0, "<=",
-                "", same, _ms(loops))]
+    note = f"{torch.cuda.get_device_name()}, torch {torch.__version__}; bit-identical to the CPU table: {_yes(same)}"
+    us = {k: f"{v * 1e6:.1f} us" for k, v in step.items()}
+    return [
+        Row("6a", name, step["ours"] / step["fastvideo"], 0.01, "<=",
+            f"{note}; {us['ours']} vs {us['fastvideo']} per step", same, _ms(step)),
+        Row("6b", "GPU 720p per step: device-resident cache / (pinned CPU table + .to(device))",
+            step["ours"] / step["fastvideo_pinned"], 0.01, "<=", f"{us['ours']} vs {us['fastvideo_pinned']}", same),
+        Row("6c", "GPU 720p, 50 steps x 2 (CFG) loop: cache / (CPU memo + .to(device))",
+            loops["ours"] / loops["fastvideo"], 0.01, "<=", "", same, _ms(loops)),
+    ]
 
 
 # --- driver ---------------------------------------------------------------------------------------
