@@ -12,6 +12,8 @@ Compute is float32 (float64 tables are rounded, as the models do), the output ha
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -54,30 +56,44 @@ def masked_attention(
 
 
 def ulysses_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, group: object
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ulysses sequence parallelism for one SP group: (non-causal, causal) outputs.
+    batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], group: object
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Ulysses sequence parallelism for one SP group: (non-causal, causal) outputs per item.
 
-    Each rank holds ``[1, L, H, D]`` rows (padded to the same ``L`` on every rank) whose global
-    positions, for all ranks in rank order, are ``positions [P*L]``. One all-to-all turns the
-    sequence shards of q, k, v into head shards (every rank: all rows, H/P heads), attention
-    runs over the full sequence, and one all-to-all turns both outputs back.
+    Each item is ``(q, k, v, positions)``: the rank holds ``[1, L, H, D]`` rows (padded to the same
+    ``L`` on every rank) whose global positions, for all ranks in rank order, are ``positions
+    [P*L]``. One all-to-all turns the sequence shards of q, k, v into head shards (every rank: all
+    rows, H/P heads), attention runs over the full sequence, and one all-to-all turns both outputs
+    back. All items share those two all-to-alls: collectives, not bytes, dominate at check sizes.
     """
     import torch.distributed as dist
 
     size = dist.get_world_size(group)  # type: ignore[arg-type]
-    _, length, heads, dim = q.shape
 
-    def all_to_all(x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()  # first: empty_like keeps a transposed view's strides
-        recv = torch.empty_like(x)
-        dist.all_to_all_single(recv, x, group=group)  # type: ignore[arg-type]
+    def all_to_all(parts: list[torch.Tensor]) -> torch.Tensor:
+        # Each part is [P, ...]: row j goes to rank j. Every rank sends the same part sizes.
+        send = torch.cat([p.reshape(size, -1) for p in parts], dim=1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)  # type: ignore[arg-type]
         return recv
 
+    def split(recv: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        sizes = [math.prod(shape) for shape in shapes]
+        return [part.reshape(size, *shape) for part, shape in zip(recv.split(sizes, dim=1), shapes)]
+
     # [L, H, 3D] -> [P, L, H/P, 3D]: chunk j (heads of rank j) goes to rank j.
-    qkv = torch.cat([q, k, v], dim=-1)[0].reshape(length, size, heads // size, 3 * dim).transpose(0, 1)
-    head_q, head_k, head_v = all_to_all(qkv).reshape(1, size * length, heads // size, 3 * dim).split(dim, dim=-1)
-    outs = [masked_attention(head_q, head_k, head_v, positions, causal) for causal in (False, True)]
-    back = all_to_all(torch.cat(outs, dim=-1)[0].reshape(size, length, heads // size, 2 * dim))
-    plain, causal = back.transpose(0, 1).reshape(1, length, heads, 2 * dim).split(dim, dim=-1)
-    return plain, causal
+    shapes = [(q.shape[1], q.shape[2] // size, 3 * q.shape[3]) for q, _, _, _ in batch]
+    sent = [torch.cat([q, k, v], dim=-1)[0].reshape(length, size, h, d3).transpose(0, 1)
+            for (q, k, v, _), (length, h, d3) in zip(batch, shapes)]
+    outs = []
+    for received, (_, _, _, positions), (length, h, d3) in zip(split(all_to_all(sent), shapes), batch, shapes):
+        # Rows from rank j are rank j's sequence shard: rank order is the order of ``positions``.
+        head_q, head_k, head_v = received.reshape(1, size * length, h, d3).split(d3 // 3, dim=-1)
+        both = [masked_attention(head_q, head_k, head_v, positions, causal) for causal in (False, True)]
+        outs.append(torch.cat(both, dim=-1)[0].reshape(size, length, h, 2 * d3 // 3))
+    back_shapes = [(length, h, 2 * d3 // 3) for length, h, d3 in shapes]
+    results = []
+    for back, (length, h, d2) in zip(split(all_to_all(outs), back_shapes), back_shapes):
+        plain, causal = back.transpose(0, 1).reshape(1, length, size * h, d2).split(d2 // 2, dim=-1)
+        results.append((plain, causal))
+    return results

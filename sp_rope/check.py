@@ -26,7 +26,9 @@ from .dist import Job, LaunchEnv, PhaseError, UsageError, launch_env, phase, pha
 from .levels import (
     LEVELS,
     MAX_TOKENS,
+    AttentionInput,
     HiddenStates,
+    attention_input,
     attention_local,
     draw_hidden_states,
     reference_for,
@@ -318,6 +320,7 @@ def run_check(job: Job, provider: Provider, matrix: Matrix, levels: tuple[str, .
         is_leader = sp_rank == 0
         batch: list[tuple[int, Family, dict[int, RopeSlice]]] = []
         batch_bytes = 0
+        attention: list[tuple[int, AttentionInput]] = []  # (case, input) of the batch's families
         members = [i for i, fam in enumerate(all_families) if fam.sp_size == size]
         for pos, fi in enumerate(members):
             fam = all_families[fi]
@@ -330,17 +333,25 @@ def run_check(job: Job, provider: Provider, matrix: Matrix, levels: tuple[str, .
                 first = run_family(provider, fam, case_index[fi], sp_rank, job, matrix, run, job.rank // size, skipped)
             hs = hidden[fam.config.name]
             if hs is not None:
-                with phase(f"apply/attention P={size} {fam.config.name}/{fam.scheme}/{fam.dtype}/{fam.layout}"):
-                    _run_levels(fam, first, hs, levels, sp_rank, group, job, case_index[fi], run)
+                # Decided from the matrix alone, so every rank of the group joins the same attentions.
+                built = [sf for sf in fam.start_frames(matrix) if sf not in skipped]
+                attend = "attention" in levels and _tokens(fam.config) <= MAX_ATTENTION_TOKENS
+                attention_sf = max(built) if attend else None
+                with phase(f"apply P={size} {fam.config.name}/{fam.scheme}/{fam.dtype}/{fam.layout}"):
+                    pending = _run_levels(fam, first, hs, levels, sp_rank, job, case_index[fi], run, attention_sf)
+                if pending is not None:
+                    attention.append((case_index[fi][attention_sf], pending))  # type: ignore[index]
             batch.append((fi, fam, first))
             # Every rank counts the same unsharded bytes, so all agree on when to gather.
             batch_bytes += sum(fam.spec(0).num_tokens * fam.spec(0).width * 16 for _ in first)
             if batch_bytes >= GATHER_BUDGET_BYTES or pos == len(members) - 1:
+                _attend(attention, group, run, size)
                 _gather_and_verify(
                     job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified, hidden
                 )
-                batch, batch_bytes = [], 0
+                batch, batch_bytes, attention = [], 0, []
         if batch:
+            _attend(attention, group, run, size)
             _gather_and_verify(
                 job, provider, group, group_ranks, is_leader, batch, case_index, cases, run, verified, hidden
             )
@@ -362,29 +373,42 @@ def _run_levels(
     hs: HiddenStates,
     levels: tuple[str, ...],
     sp_rank: int,
-    group: object,
     job: Job,
     case_ids: dict[int, int],
     run: RankRun,
-) -> None:
-    """Rotate the rank's own hidden states with its slices; Ulysses attention at the last start_frame."""
+    attention_sf: int | None,
+) -> AttentionInput | None:
+    """Rotate the rank's own hidden states with its slices; returns the attention input of
+    ``attention_sf`` (the caller batches attention over families: it is collective)."""
     plan = parse_plan(fam.scheme)
     grid = fam.config.grid
     own = plan.indices(grid, sp_rank, fam.sp_size)
-    attention_sf = (
-        max(first) if "attention" in levels and len(own) and _tokens(fam.config) <= MAX_ATTENTION_TOKENS else None
-    )
+    attention = None
     for sf, sl in first.items():
-        extras = run.extras.setdefault(case_ids[sf], {})
         try:
             rq, rk = rotate_local(hs, sl, own, fam.layout)
         except ValueError as exc:  # a table with the wrong number of rows: still join the collectives
             run.findings.setdefault(case_ids[sf], []).append(("apply-mismatch", f"rank {job.rank}: {exc}"))
             rq, rk = shard_rows(hs.q, own), shard_rows(hs.k, own)
         if "apply" in levels:  # q alone: k goes through the same rotation (and through attention)
-            extras["apply"] = rq
+            run.extras.setdefault(case_ids[sf], {})["apply"] = rq
         if sf == attention_sf:
-            extras["attention"] = attention_local(hs, rq, rk, plan, grid, sp_rank, fam.sp_size, group, job.device)
+            attention = attention_input(hs, rq, rk, plan, grid, sp_rank, fam.sp_size, job.device)
+    if attention_sf is not None and attention is None:
+        # This rank got no table for it (the failure is recorded): it still joins the all-to-alls.
+        attention = attention_input(hs, shard_rows(hs.q, own), shard_rows(hs.k, own), plan, grid, sp_rank,
+                                    fam.sp_size, job.device)
+    return attention
+
+
+def _attend(attention: list[tuple[int, AttentionInput]], group: object, run: RankRun, size: int) -> None:
+    """Ulysses attention of every pending family at once: two all-to-alls, not two per family."""
+    if not attention:
+        return
+    with phase(f"attention P={size}"):
+        outputs = attention_local([a for _, a in attention], group)
+    for (case, _), out in zip(attention, outputs):
+        run.extras.setdefault(case, {})["attention"] = out
 
 
 def _gather_and_verify(

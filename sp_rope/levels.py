@@ -78,18 +78,21 @@ class _RowCountMismatch(ValueError):
     pass
 
 
-def attention_local(
-    hs: HiddenStates,
-    rq: torch.Tensor,
-    rk: torch.Tensor,
-    plan: ShardPlan,
-    grid: tuple[int, ...],
-    sp_rank: int,
-    sp_size: int,
-    group: object,
-    device: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ulysses attention (non-causal, causal) of the rank's rotated rows; returns its output rows."""
+@dataclass
+class AttentionInput:
+    """One family's rotated rows for Ulysses attention, padded to the group's longest shard."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor  # global token of every padded row of every rank, rank order (-1: padding)
+    own: int  # this rank's real rows (the first ``own`` of its ``L``)
+
+
+def attention_input(
+    hs: HiddenStates, rq: torch.Tensor, rk: torch.Tensor, plan: ShardPlan, grid: tuple[int, ...],
+    sp_rank: int, sp_size: int, device: str,
+) -> AttentionInput:
     per_rank = [plan.indices(grid, r, sp_size) for r in range(sp_size)]
     length = max(len(i) for i in per_rank)
     positions = torch.cat([torch.cat([i, i.new_full((length - len(i),), -1)]) for i in per_rank])
@@ -98,9 +101,14 @@ def attention_local(
     def pad(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.new_zeros(1, length - own, *x.shape[2:])], dim=1).to(device)
 
-    q, k, v = pad(rq), pad(rk), pad(shard_rows(hs.v, per_rank[sp_rank]))
-    plain, causal = ulysses_attention(q, k, v, positions.to(device), group)
-    return plain[:, :own].cpu(), causal[:, :own].cpu()
+    return AttentionInput(pad(rq), pad(rk), pad(shard_rows(hs.v, per_rank[sp_rank])), positions.to(device), own)
+
+
+def attention_local(inputs: list[AttentionInput], group: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Ulysses attention (non-causal, causal) of each input, two all-to-alls for all of them;
+    returns the rank's own output rows, on the CPU. Every rank of the group passes the same list."""
+    outs = ulysses_attention([(a.q, a.k, a.v, a.positions) for a in inputs], group)
+    return [(plain[:, : a.own].cpu(), causal[:, : a.own].cpu()) for a, (plain, causal) in zip(inputs, outs)]
 
 
 @dataclass

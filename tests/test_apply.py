@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sp_rope import RopeSpec, build_table
-from sp_rope.apply import apply_rope, masked_attention
+from sp_rope.apply import apply_rope, masked_attention, ulysses_attention
 
 
 def _complex_reference(x: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
@@ -73,3 +73,44 @@ def test_masked_attention_is_order_free_and_ignores_padding():
             causal,
         )
         torch.testing.assert_close(out[:, :6], ref)
+
+
+def _ulysses_rank(rank: int, size: int, store_path: str, items: list) -> None:  # type: ignore[type-arg]
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.FileStore(store_path, size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60))
+    try:
+        batch = []
+        for q, k, v, positions in items:
+            length = len(positions) // size
+            rows = positions[rank * length : (rank + 1) * length]
+            real = rows.clamp(min=0)
+            batch.append((q[:, real], k[:, real], v[:, real], positions))
+        outs = ulysses_attention(batch, None)
+        for (q, k, v, positions), (plain, causal) in zip(items, outs):
+            length = len(positions) // size
+            rows = positions[rank * length : (rank + 1) * length]
+            real = rows >= 0
+            order = torch.arange(q.shape[1])
+            for got, is_causal in ((plain, False), (causal, True)):
+                want = masked_attention(q, k, v, order, is_causal)[:, rows[real]]
+                torch.testing.assert_close(got[:, real], want, atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ulysses_attention_batches_items_of_different_shapes(tmp_path):
+    """Two spawned ranks, three items (different lengths, heads, head dims, padding, a permuted
+    order) through one pair of all-to-alls: each equals single-process attention at its rows."""
+    g = torch.Generator().manual_seed(2)
+    items = []
+    for tokens, heads, dim, order in ((6, 2, 4, None), (5, 4, 8, None), (8, 2, 6, [3, 0, 7, 1, 4, 6, 2, 5])):
+        q, k, v = (torch.randn(1, tokens, heads, dim, generator=g) for _ in range(3))
+        positions = torch.tensor(order) if order else torch.arange(tokens)
+        if tokens % 2:  # pad to an even split: the last rank's last row is padding
+            positions = torch.cat([positions, torch.tensor([-1])])
+        items.append((q, k, v, positions))
+    torch.multiprocessing.spawn(_ulysses_rank, args=(2, str(tmp_path / "store"), items), nprocs=2, join=True)
