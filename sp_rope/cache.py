@@ -143,10 +143,12 @@ def build_slice(spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, dev
 
 
 class _Entry:
-    __slots__ = ("value", "guard", "version", "last_used")
+    __slots__ = ("value", "guard", "version", "last_used", "spec", "plan", "hash_key")
 
-    def __init__(self, value: RopeSlice, last_used: int) -> None:
+    def __init__(self, value: RopeSlice, last_used: int, hash_key: tuple) -> None:
         self.value = value
+        self.spec, self.plan = value.key.spec, value.key.plan  # type: ignore[attr-defined]  # a CacheKey
+        self.hash_key = hash_key
         self.guard: torch.Tensor = value.guard  # type: ignore[assignment]  # always set on entries
         self.version = self.guard._version
         self.last_used = last_used
@@ -159,7 +161,8 @@ class RopeCache:
     atomic, and everything else a hit touches is owned by its entry; inserts, evictions and
     removals hold the lock. Recency is a tick from one counter, taken by every hit and every
     insert, so the hit count is exact without a shared ``+= 1``: ticks taken minus ticks
-    not taken by hits.
+    not taken by hits. A hit costs about what a plain dict memo of the arguments costs
+    (``benchmarks/RESULTS.md``, figure 3).
     """
 
     def __init__(
@@ -178,6 +181,11 @@ class RopeCache:
         # Keyed by the CacheKey's fields as a plain tuple (equal and equally hashed exactly when
         # the CacheKeys are); the CacheKey object itself is built only on a miss, as value.key.
         self._entries: dict[tuple, _Entry] = {}
+        # The hit path's index: the same entries keyed by the hashes RopeSpec and ShardPlan keep
+        # (ints, hashed in C) instead of by the objects (two Python-level __hash__ calls, ~100 ns).
+        # A hit through it must still find an equal spec and plan; a hash collision keeps the
+        # first entry here and leaves the other to the full-key path.
+        self._by_hash: dict[tuple, _Entry] = {}
         self._lock = threading.Lock()
         self._clock = itertools.count()
         self._other_ticks = 0  # ticks taken by inserts and stats reads, not hits
@@ -186,10 +194,19 @@ class RopeCache:
     def get(
         self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str | torch.device = "cpu"
     ) -> RopeSlice:
-        # The hit path is hot (every denoising step, every layer that asks): one dict read, one
-        # version counter, one tick.
-        entry = self._entries.get((spec, plan, sp_rank, sp_size, device if device == "cpu" else _device_name(device)))
-        if entry is not None and entry.guard._version == entry.version:
+        # The hit path is hot (every denoising step, every layer that asks): one dict read, two
+        # identity checks, one version counter, one tick.
+        dev = device if device == "cpu" else _device_name(device)
+        try:
+            entry = self._by_hash.get((spec._hash, plan._hash, sp_rank, sp_size, dev))  # type: ignore[attr-defined]
+        except AttributeError:  # not hashed yet (a new or unpickled object): the full-key path hashes it
+            entry = None
+        if (
+            entry is not None
+            and (entry.spec is spec or entry.spec == spec)
+            and (entry.plan is plan or entry.plan == plan)
+            and entry.guard._version == entry.version
+        ):
             entry.last_used = next(self._clock)
             return entry.value
         return self._get_locked(spec, plan, sp_rank, sp_size, _device_name(device))
@@ -218,7 +235,8 @@ class RopeCache:
                 self._counts.uncacheable += 1
                 return value
             self._other_ticks += 1
-            self._entries[lookup] = _Entry(value, next(self._clock))
+            entry = self._entries[lookup] = _Entry(value, next(self._clock), (hash(spec), hash(plan), *lookup[2:]))
+            self._by_hash.setdefault(entry.hash_key, entry)
             self._counts.bytes += value.nbytes
             while len(self._entries) > self.max_entries or self._counts.bytes > self.max_bytes:
                 self._remove(min(self._entries, key=lambda k: self._entries[k].last_used))
@@ -226,7 +244,10 @@ class RopeCache:
         return value
 
     def _remove(self, lookup: tuple) -> None:
-        self._counts.bytes -= self._entries.pop(lookup).value.nbytes
+        entry = self._entries.pop(lookup)
+        if self._by_hash.get(entry.hash_key) is entry:
+            del self._by_hash[entry.hash_key]
+        self._counts.bytes -= entry.value.nbytes
 
     @property
     def stats(self) -> CacheStats:
@@ -249,6 +270,7 @@ class RopeCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._by_hash.clear()
             self._counts.bytes = 0
 
 

@@ -38,7 +38,8 @@ def hash_once(self: object) -> int:
     """``__hash__`` for frozen dataclasses that are hashed on every cache lookup.
 
     The generated frozen-dataclass hash rehashes every field on every call; the fields never
-    change, so compute the same value once and keep it on the instance.
+    change, so compute the same value once and keep it on the instance as ``_hash`` (which
+    ``RopeCache``'s hit path reads directly, to key an index by ints).
     """
     try:
         return self._hash  # type: ignore[attr-defined, no-any-return]

@@ -346,3 +346,28 @@ def test_foreign_builder_with_mismatched_shapes_is_refused() -> None:
 
     with pytest.raises(ValueError, match=r"builder returned cos .*expected \[rows, width\] twice"):
         RopeCache(builder=builder).get(*BASE)
+
+
+def test_hash_collisions_between_specs_never_share_an_entry() -> None:
+    a, b = BASE_SPEC, BASE_SPEC.replace(start_frame=7)
+    object.__setattr__(b, "_hash", hash(a))  # b now hashes exactly like a: a forced collision
+    assert hash(a) == hash(b) and a != b
+    cache = RopeCache()
+    got_a, got_b = cache.get(a, T_PLAN, 0, 2), cache.get(b, T_PLAN, 0, 2)
+    for _ in range(3):  # hits, in both orders
+        assert cache.get(b, T_PLAN, 0, 2) is got_b and cache.get(a, T_PLAN, 0, 2) is got_a
+    assert not _differs(got_a, build_slice(a, T_PLAN, 0, 2)) and not _differs(got_b, build_slice(b, T_PLAN, 0, 2))
+    assert _differs(got_a, got_b)
+    assert (cache.stats.misses, cache.stats.hits, len(cache)) == (2, 6, 2)
+
+
+def test_equal_but_distinct_and_unpickled_keys_hit_the_same_entry() -> None:
+    import pickle
+
+    cache = RopeCache()
+    first = cache.get(*BASE)
+    twin_spec, twin_plan = pickle.loads(pickle.dumps((BASE_SPEC, T_PLAN)))  # equal objects, no kept hash
+    assert twin_spec is not BASE_SPEC and twin_plan is not T_PLAN
+    for _ in range(2):  # the first call hashes them, the second takes the hit path
+        assert cache.get(twin_spec, twin_plan, 0, 2, "cpu") is first
+    assert (cache.stats.misses, cache.stats.hits) == (1, 2)
