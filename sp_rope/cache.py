@@ -161,8 +161,9 @@ class RopeCache:
     atomic, and everything else a hit touches is owned by its entry; inserts, evictions and
     removals hold the lock. Recency is a tick from one counter, taken by every hit and every
     insert, so the hit count is exact without a shared ``+= 1``: ticks taken minus ticks
-    not taken by hits. A hit costs about what a plain dict memo of the arguments costs
-    (``benchmarks/RESULTS.md``, figure 3).
+    not taken by hits. (On a free-threaded build, tables stay correct, since dict reads are
+    still atomic there; the hit count and recency may be approximate.) A hit costs less than a
+    plain dict memo of the arguments (``benchmarks/RESULTS.md``, figure 3).
     """
 
     def __init__(
