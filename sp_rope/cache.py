@@ -73,21 +73,26 @@ def _round_up(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
+def _layout(rows: int, width: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """Byte offsets of a packed slice's ``indices``, ``cos`` and ``sin``, and its total size."""
+    table = _round_up(rows * width * dtype.itemsize)
+    cos_at = _round_up(8 * rows)
+    return 0, cos_at, cos_at + table, cos_at + 2 * table
+
+
 def _carve(raw: torch.Tensor, rows: int, width: int, dtype: torch.dtype) -> RopeSlice:
     """``indices``, ``cos``, ``sin`` as views of the byte buffer ``raw`` (see :func:`_packed`)."""
-    item = torch.empty((), dtype=dtype).element_size()
-    table = rows * width * item
-    at = (0, _round_up(8 * rows), _round_up(8 * rows) + _round_up(table))
+    at = _layout(rows, width, dtype)
     indices = raw[at[0] : at[0] + 8 * rows].view(torch.int64)
-    cos, sin = (raw[a : a + table].view(dtype).view(rows, width) for a in at[1:])
+    table = rows * width * dtype.itemsize
+    cos, sin = (raw[a : a + table].view(dtype).view(rows, width) for a in at[1:3])
     return RopeSlice(cos, sin, indices, guard=raw)
 
 
 def _packed(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> RopeSlice:
     """An uninitialized slice in one allocation. Views share their base's version counter, so a
     cache hit checks one counter instead of three (the hit path is a few hundred nanoseconds)."""
-    item = torch.empty((), dtype=dtype).element_size()
-    raw = torch.empty(_round_up(8 * rows) + 2 * _round_up(rows * width * item), dtype=torch.uint8, device=device)
+    raw = torch.empty(_layout(rows, width, dtype)[3], dtype=torch.uint8, device=device)
     return _carve(raw, rows, width, dtype)
 
 
@@ -96,16 +101,16 @@ def _repacked(value: RopeSlice) -> RopeSlice:
     so the entry does not alias tensors the builder may still hold and write."""
     if value.guard is not None:
         return value
-    rows, width = value.cos.shape
-    if value.sin.shape != value.cos.shape or value.sin.dtype != value.cos.dtype or value.indices.numel() != rows:
+    cos, sin, indices = value.cos, value.sin, value.indices
+    if cos.dim() != 2 or sin.shape != cos.shape or sin.dtype != cos.dtype or indices.numel() != cos.shape[0]:
         raise ValueError(
             f"builder returned cos {tuple(value.cos.shape)}, sin {tuple(value.sin.shape)}, "
             f"indices {tuple(value.indices.shape)}: expected [rows, width] twice and [rows]"
         )
-    out = _packed(rows, width, value.cos.dtype, value.cos.device)
-    out.cos.copy_(value.cos)
-    out.sin.copy_(value.sin)
-    out.indices.copy_(value.indices.reshape(-1))
+    out = _packed(cos.shape[0], cos.shape[1], cos.dtype, cos.device)
+    out.cos.copy_(cos)
+    out.sin.copy_(sin)
+    out.indices.copy_(indices.reshape(-1))
     return RopeSlice(out.cos, out.sin, out.indices, value.key, out.guard)
 
 
