@@ -340,7 +340,7 @@ def run_check(job: Job, provider: Provider, matrix: Matrix, levels: tuple[str, .
                 with phase(f"apply P={size} {fam.config.name}/{fam.scheme}/{fam.dtype}/{fam.layout}"):
                     pending = _run_levels(fam, first, hs, levels, sp_rank, job, case_index[fi], run, attention_sf)
                 if pending is not None:
-                    attention.append((case_index[fi][attention_sf], pending))  # type: ignore[index]
+                    attention.append(pending)
             batch.append((fi, fam, first))
             # Every rank counts the same unsharded bytes, so all agree on when to gather.
             batch_bytes += sum(fam.spec(0).num_tokens * fam.spec(0).width * 16 for _ in first)
@@ -377,28 +377,27 @@ def _run_levels(
     case_ids: dict[int, int],
     run: RankRun,
     attention_sf: int | None,
-) -> AttentionInput | None:
-    """Rotate the rank's own hidden states with its slices; returns the attention input of
+) -> tuple[int, AttentionInput] | None:
+    """Rotate the rank's own hidden states with its slices; returns (case, attention input) of
     ``attention_sf`` (the caller batches attention over families: it is collective)."""
     plan = parse_plan(fam.scheme)
     grid = fam.config.grid
     own = plan.indices(grid, sp_rank, fam.sp_size)
-    attention = None
+    unrotated = (shard_rows(hs.q, own), shard_rows(hs.k, own))
+    rotated = {}
     for sf, sl in first.items():
         try:
-            rq, rk = rotate_local(hs, sl, own, fam.layout)
+            rotated[sf] = rotate_local(hs, sl, own, fam.layout)
         except ValueError as exc:  # a table with the wrong number of rows: still join the collectives
             run.findings.setdefault(case_ids[sf], []).append(("apply-mismatch", f"rank {job.rank}: {exc}"))
-            rq, rk = shard_rows(hs.q, own), shard_rows(hs.k, own)
+            rotated[sf] = unrotated
         if "apply" in levels:  # q alone: k goes through the same rotation (and through attention)
-            run.extras.setdefault(case_ids[sf], {})["apply"] = rq
-        if sf == attention_sf:
-            attention = attention_input(hs, rq, rk, plan, grid, sp_rank, fam.sp_size, job.device)
-    if attention_sf is not None and attention is None:
-        # This rank got no table for it (the failure is recorded): it still joins the all-to-alls.
-        attention = attention_input(hs, shard_rows(hs.q, own), shard_rows(hs.k, own), plan, grid, sp_rank,
-                                    fam.sp_size, job.device)
-    return attention
+            run.extras.setdefault(case_ids[sf], {})["apply"] = rotated[sf][0]
+    if attention_sf is None:
+        return None
+    # A rank with no table for it (its failure is recorded) still joins the all-to-alls.
+    rq, rk = rotated.get(attention_sf, unrotated)
+    return case_ids[attention_sf], attention_input(hs, rq, rk, plan, grid, sp_rank, fam.sp_size, job.device)
 
 
 def _attend(attention: list[tuple[int, AttentionInput]], group: object, run: RankRun, size: int) -> None:
