@@ -86,9 +86,10 @@ def build_table(spec: RopeSpec, indices: torch.Tensor | None = None, out: Table 
         sin = torch.empty_like(cos)
     else:
         cos, sin = out
+        want = f"contiguous CPU [{n}, {spec.width}] {spec.dtype}"
         for t in out:
-            if t.shape != (n, spec.width) or t.dtype != spec.torch_dtype or not t.is_contiguous() or t.is_cuda:
-                want = f"contiguous CPU [{n}, {spec.width}] {spec.dtype}"
+            fits = t.shape == (n, spec.width) and t.dtype == spec.torch_dtype and t.device.type == "cpu"
+            if not (fits and t.is_contiguous()):
                 raise ValueError(f"out: expected {want}, got {list(t.shape)} {t.dtype} on {t.device}")
     if indices is None:
         _fill_full(spec, cos, sin)
