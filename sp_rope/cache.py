@@ -215,7 +215,7 @@ class RopeCache:
         ):
             entry.last_used = next(self._clock)
             return entry.value
-        return self._get_locked(spec, plan, sp_rank, sp_size, _device_name(device))
+        return self._get_locked(spec, plan, sp_rank, sp_size, dev)
 
     def _get_locked(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, dev: str) -> RopeSlice:
         lookup = (spec, plan, sp_rank, sp_size, dev)
