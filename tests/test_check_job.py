@@ -10,7 +10,7 @@ import uuid
 import xml.etree.ElementTree as ET
 
 import pytest
-from helpers import FIXTURES, SMALL, check, processes_with, run, torchrun
+from helpers import ALL_SCHEMES, FIXTURES, SMALL, check, processes_with, run, torchrun
 
 
 def test_default_self_launch_passes_with_reports(tmp_path):
@@ -22,18 +22,7 @@ def test_default_self_launch_passes_with_reports(tmp_path):
     assert result.out.strip().splitlines()[-1] == f"{summary['passed']} passed, 0 failed, {summary['skipped']} skipped"
     # Every scheme ran somewhere in the default matrix (skips are reported, never counted as passed).
     cases = json.loads(report.read_text())["cases"]
-    assert {c["scheme"] for c in cases if c["status"] == "passed"} == {
-        "contiguous:t",
-        "contiguous:h",
-        "contiguous:w",
-        "flat",
-        "flat:pad",
-        "flat:uneven",
-        "zigzag",
-        "zigzag:t",
-        "stripe",
-        "usp:2",
-    }
+    assert {c["scheme"] for c in cases if c["status"] == "passed"} == ALL_SCHEMES
     assert all(c["details"] for c in cases if c["status"] == "skipped")
     suite = ET.parse(junit).getroot()
     assert int(suite.get("tests")) == len(cases) and int(suite.get("failures")) == 0

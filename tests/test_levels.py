@@ -5,20 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import check
-
-ALL_SCHEMES = {
-    "contiguous:t",
-    "contiguous:h",
-    "contiguous:w",
-    "flat",
-    "flat:pad",
-    "flat:uneven",
-    "zigzag",
-    "zigzag:t",
-    "stripe",
-    "usp:2",
-}
+from helpers import ALL_SCHEMES, check
 
 
 @pytest.mark.parametrize("level", ["apply", "attention"])
