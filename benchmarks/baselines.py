@@ -1,5 +1,5 @@
 """The baselines the figures are ratios against, written here from FastVideo's documented semantics
-(/work/shared/golden/README.md), not copied from FastVideo.
+(tests/assets/README.md), not copied from FastVideo.
 
 - ``naive_full``: FastVideo's builder shape: a float32 ``linspace`` meshgrid of the whole grid,
   ``start_frame`` added to the time positions, per axis an outer product over *all* tokens, cos/sin

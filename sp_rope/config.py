@@ -19,7 +19,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_PACKAGE = Path(__file__).resolve().parent
+# An installed wheel carries the presets as sp_rope/configs/ (see pyproject.toml); a checkout,
+# editable install or not, reads the top-level configs/ itself. One source of truth either way.
+CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 DEFAULT_CONFIGS = ("quick", "quick-odd")
 
 

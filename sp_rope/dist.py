@@ -8,6 +8,7 @@ crashed rank turns into an error naming it and the phase instead of a silent 30-
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import pickle
@@ -147,16 +148,36 @@ class Job:
                 ) from exc
 
     def gather(self, obj: Any, group: Any, group_ranks: list[int]) -> list[Any] | None:
-        """Objects of ``group`` at its first rank (None elsewhere)."""
+        """Objects of ``group`` at its first rank (None elsewhere).
+
+        Not ``dist.gather_object``: torch unpickles through ``.numpy()``, and numpy is not a
+        dependency. Objects travel as pickled bytes in uint8 tensors, padded to the longest."""
         leader = group_ranks[0]
-        out: list[Any] | None = [None] * len(group_ranks) if self.rank == leader else None
-        dist.gather_object(dumps(obj), out, dst=leader, group=group)
-        return None if out is None else [loads(blob) for blob in out]
+        blob = self._bytes_tensor(dumps(obj))
+        sizes = [torch.zeros(1, dtype=torch.int64, device=blob.device) for _ in group_ranks]
+        dist.all_gather(sizes, torch.tensor([blob.numel()], device=blob.device), group=group)
+        lengths = [int(n) for n in sizes]
+        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=blob.device)
+        padded[: blob.numel()] = blob
+        out = [torch.empty_like(padded) for _ in group_ranks] if self.rank == leader else None
+        dist.gather(padded, out, dst=leader, group=group)
+        if out is None:
+            return None
+        return [loads(tensor_bytes(t[:n].cpu())) for t, n in zip(out, lengths)]
 
     def broadcast(self, obj: Any) -> Any:
-        holder = [dumps(obj) if self.rank == 0 else None]
-        dist.broadcast_object_list(holder, src=0)
-        return loads(holder[0])  # type: ignore[arg-type]
+        """``obj`` of rank 0 on every rank (pickled bytes in a uint8 tensor, as in ``gather``)."""
+        blob = self._bytes_tensor(dumps(obj) if self.rank == 0 else b"")
+        size = torch.tensor([blob.numel()], device=blob.device)
+        dist.broadcast(size, src=0)
+        data = blob if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8, device=blob.device)
+        dist.broadcast(data, src=0)
+        return loads(tensor_bytes(data.cpu()))
+
+    def _bytes_tensor(self, blob: bytes) -> torch.Tensor:
+        # NCCL moves only device tensors; gloo takes CPU ones.
+        data = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+        return data.to(self.device) if self.backend == "nccl" else data
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -175,9 +196,15 @@ class _TensorBytesPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided:
-            data = obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            return _tensor_from_bytes, (str(obj.dtype).removeprefix("torch."), tuple(obj.shape), data)
+            return _tensor_from_bytes, (str(obj.dtype).removeprefix("torch."), tuple(obj.shape), tensor_bytes(obj))
         return NotImplemented
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a CPU tensor, copied straight from its memory. Not ``.numpy()``: numpy is
+    not a dependency of sp_rope, and a venv holding only torch has none."""
+    flat = t.detach().contiguous()
+    return ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size())
 
 
 def dumps(obj: Any) -> bytes:

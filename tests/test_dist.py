@@ -10,8 +10,9 @@ import torch
 from sp_rope.dist import dumps, loads
 
 
-def _bits(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _bits(t: torch.Tensor) -> list[int]:
+    # Byte values through torch alone: the package must work without numpy.
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).tolist()
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from sp_rope.mutants import correct_fastvideo_nd as nd
 from sp_rope.mutants import correct_native as native
 from sp_rope.report import DIAGNOSES
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "fastvideo_rope_tables.pt"
+GOLDEN = Path(__file__).resolve().parent / "assets" / "fastvideo_rope_tables.pt"
 CATALOG = catalog()
 
 

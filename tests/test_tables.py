@@ -24,7 +24,7 @@ LAYOUTS = ("interleaved", "half", "neox")
 # Golden tables (FastVideo's builder output). A missing file is a failure, never a skip.
 # ---------------------------------------------------------------------------------------------
 
-GOLDEN_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "fastvideo_rope_tables.pt"
+GOLDEN_DEFAULT = Path(__file__).resolve().parent / "assets" / "fastvideo_rope_tables.pt"  # see assets/README.md
 GOLDEN_PATH = Path(os.environ.get("SP_ROPE_GOLDEN") or GOLDEN_DEFAULT)
 
 
@@ -52,8 +52,8 @@ GOLDEN_PARAMS = [pytest.param(i, id=_golden_id(i, e)) for i, e in enumerate(GOLD
 def _golden_entry(index: int | None) -> dict:
     if index is None:
         pytest.fail(
-            f"golden RoPE tables not found or empty at {GOLDEN_PATH} (expected the shared/ checkout next to "
-            "the repo, or set SP_ROPE_GOLDEN to the file)"
+            f"golden RoPE tables not found or empty at {GOLDEN_PATH} (tests/assets/ ships them; "
+            "SP_ROPE_GOLDEN may point at another copy)"
         )
     return GOLDEN[index]
 
