@@ -169,6 +169,12 @@ class RopeCache:
     not taken by hits. (On a free-threaded build, tables stay correct, since dict reads are
     still atomic there; the hit count and recency may be approximate.) A hit costs less than a
     plain dict memo of the arguments (``benchmarks/RESULTS.md``, figure 3).
+
+    The read-only guard is torch's version counter, which only in-place tensor ops advance.
+    Writes that bypass it are not seen: through ``.data`` (a tensor with its own counter),
+    through ``.numpy()``, or into the raw storage (``untyped_storage()``, a ``data_ptr`` handed
+    to C). Such an entry is served, corrupted, on every hit until it is evicted; only a caller
+    that compares what it gets across calls (as the check does, step by step) notices.
     """
 
     def __init__(
@@ -286,3 +292,16 @@ _default_cache = RopeCache()
 def default_cache() -> RopeCache:
     """The process-wide cache used by :func:`sp_rope.rope_slice`."""
     return _default_cache
+
+
+def rope_slice(
+    spec: RopeSpec,
+    plan: ShardPlan,
+    sp_rank: int,
+    sp_size: int,
+    device: str | torch.device = "cpu",
+    cache: RopeCache | None = None,
+) -> RopeSlice:
+    """This rank's cos/sin slice, through ``cache`` (default: the process-wide cache)."""
+    # Not ``cache or ...``: an empty RopeCache has len 0 and is falsy.
+    return (cache if cache is not None else default_cache()).get(spec, plan, sp_rank, sp_size, device)

@@ -1,0 +1,1 @@
+"""A stand-in video framework: only its sequence-parallel rotary embedding."""
