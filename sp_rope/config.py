@@ -6,6 +6,7 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ _PACKAGE = Path(__file__).resolve().parent
 # editable install or not, reads the top-level configs/ itself. One source of truth either way.
 CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 DEFAULT_CONFIGS = ("quick", "quick-odd")
+# The largest preset has 118,800 tokens. Past 2**26 the unsharded float64 table alone is tens of
+# GiB, so a bigger grid is a typo (or a job this check cannot hold), refused before any rank starts.
+MAX_GRID_TOKENS = 2**26
 
 
 class ConfigError(ValueError):
@@ -96,14 +100,14 @@ def load_config(name_or_path: str) -> GeometryConfig:
 
 
 def parse_config(raw: dict[str, Any], default_name: str = "config") -> GeometryConfig:
+    """A preset from its TOML table: every key strictly typed (a float head_dim is an error, not
+    truncated), so a typo or a wrong type is a one-line error naming the key and value."""
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
     if "grid" not in raw:
         raise ConfigError("missing key 'grid'")
-    grid = raw["grid"]
-    if not isinstance(grid, list) or not all(isinstance(v, int) for v in grid):
-        raise ConfigError(f"grid must be a list of integers, got {grid!r}")
+    grid = _int_list("grid", raw["grid"])
     head_dim = _head_dim(raw)
     dims = raw.get("rope_dim_list")
     if dims is None:
@@ -113,44 +117,83 @@ def parse_config(raw: dict[str, Any], default_name: str = "config") -> GeometryC
             dims = list(default_rope_dim_list(head_dim, len(grid)))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    if not isinstance(dims, list):
-        raise ConfigError(f"rope_dim_list must be a list of integers, got {dims!r}")
+    dims = _int_list("rope_dim_list", dims)
     if head_dim is not None and sum(dims) != head_dim:
         raise ConfigError(f"rope_dim_list {dims!r} sums to {sum(dims)}, not the head dim {head_dim}")
-    start_frames = raw.get("start_frames", [])
-    if not isinstance(start_frames, list) or not all(isinstance(v, int) and v >= 0 for v in start_frames):
-        raise ConfigError(f"start_frames must be a list of integers >= 0, got {start_frames!r}")
+    start_frames = _int_list("start_frames", raw.get("start_frames", []))
+    if any(v < 0 for v in start_frames):
+        raise ConfigError(f"start_frames must be integers >= 0, got {start_frames!r}")
     config = GeometryConfig(
-        name=str(raw.get("name", default_name)),
+        name=_str(raw, "name", default_name),
         grid=tuple(grid),
         head_dim=sum(dims),
         rope_dim_list=tuple(dims),
-        theta=raw.get("theta", 10000.0),
-        theta_rescale_factor=_factor(raw.get("theta_rescale_factor", 1.0)),
-        interpolation_factor=_factor(raw.get("interpolation_factor", 1.0)),
-        description=str(raw.get("description", "")),
+        theta=_number("theta", raw.get("theta", 10000.0)),
+        theta_rescale_factor=_factor("theta_rescale_factor", raw.get("theta_rescale_factor", 1.0)),
+        interpolation_factor=_factor("interpolation_factor", raw.get("interpolation_factor", 1.0)),
+        description=_str(raw, "description", ""),
         start_frames=tuple(start_frames),
     )
     try:  # validate every field once, through the spec, so errors name the field
         config.spec("float64", "interleaved", 0)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    tokens = math.prod(grid)
+    if tokens > MAX_GRID_TOKENS:
+        raise ConfigError(f"grid {grid!r} has {tokens:,} tokens; at most {MAX_GRID_TOKENS:,} (2**26) are supported")
     return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int(key: str, value: Any) -> int:
+    if not _is_int(value):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _int_list(key: str, value: Any) -> list[int]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key} must be a list of integers, got {value!r}")
+    return [_int(f"{key}[{i}]", v) for i, v in enumerate(value)]
+
+
+def _number(key: str, value: Any) -> float:
+    if not _is_number(value):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _str(raw: dict[str, Any], key: str, default: str) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
 
 
 def _head_dim(raw: dict[str, Any]) -> int | None:
     if "head_dim" in raw:
-        return int(raw["head_dim"])
+        return _int("head_dim", raw["head_dim"])
     if "hidden_size" in raw or "num_heads" in raw:
-        hidden, heads = raw.get("hidden_size"), raw.get("num_heads")
-        if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0 or hidden % heads:
+        if "hidden_size" not in raw or "num_heads" not in raw:
+            raise ConfigError("hidden_size and num_heads go together (or give head_dim)")
+        hidden, heads = _int("hidden_size", raw["hidden_size"]), _int("num_heads", raw["num_heads"])
+        if heads <= 0 or hidden % heads:
             raise ConfigError(f"hidden_size {hidden!r} must be a multiple of num_heads {heads!r}")
         return hidden // heads
     return None
 
 
-def _factor(value: Any) -> tuple[float, ...] | float:
-    return tuple(value) if isinstance(value, list) else value
+def _factor(key: str, value: Any) -> tuple[float, ...] | float:
+    if isinstance(value, list):
+        return tuple(_number(f"{key}[{i}]", v) for i, v in enumerate(value))
+    return _number(key, value)
 
 
 @dataclass(frozen=True)

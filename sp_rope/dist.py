@@ -1,8 +1,10 @@
-"""Process groups for the check: timeouts on everything, named phases, named missing ranks.
+"""Process groups for the check: timeouts on everything, named phases, named culprits.
 
 Every collective runs under the job's ``--timeout``. Before each collective phase the ranks
-meet at a gloo ``monitored_barrier``, which names the ranks that never arrived, so a hung or
-crashed rank turns into an error naming it and the phase instead of a silent 30-minute wait.
+meet at a gloo ``monitored_barrier`` (:meth:`Job.sync`). Every phase change is published on
+the liveness board (:mod:`sp_rope.board`), so when a barrier or collective fails, the rank that
+noticed names the rank(s) that stopped making progress and the phase each was in (a hung,
+stopped or crashed rank), not the healthy neighbour that timed out waiting for it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import io
 import os
 import pickle
 import re
+import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,6 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import board
+
+# The longest --timeout: a collective that waits a day is a hang; past this, timedelta and the
+# store's millisecond timeouts overflow (what made --timeout 1e300 an exit 3).
+MAX_TIMEOUT_S = 86_400
+
 
 class UsageError(ValueError):
     """Bad input found at run time: exit code 2 on every rank."""
@@ -28,6 +38,16 @@ class UsageError(ValueError):
 
 class PhaseError(RuntimeError):
     """An infrastructure failure (timeout, missing rank, crash) inside a named phase."""
+
+
+class SyncError(PhaseError):
+    """Some rank did not reach a monitored barrier: which ones the barrier saw, and how long
+    this rank waited (a peer that crashed fails the barrier long before the timeout)."""
+
+    def __init__(self, name: str, missing: list[int], waited: float, cause: str) -> None:
+        who = f"rank(s) {', '.join(map(str, missing))}" if missing else "some rank"
+        super().__init__(f"{who} did not reach phase {name!r} (waited {waited:.1f}s): {cause}")
+        self.name, self.missing, self.waited, self.cause = name, missing, waited, cause
 
 
 _current_phase = "startup"
@@ -46,14 +66,18 @@ def phase_of(exc: BaseException) -> str:
 def phase(name: str) -> Iterator[None]:
     global _current_phase
     previous, _current_phase = _current_phase, name
+    board.set_phase(name)
+    start = time.monotonic()
     try:
         yield
     except BaseException as exc:
         if not hasattr(exc, "sp_rope_phase"):
             exc.sp_rope_phase = name  # type: ignore[attr-defined]
+            exc.sp_rope_elapsed = time.monotonic() - start  # type: ignore[attr-defined]
         raise
     finally:
         _current_phase = previous
+        board.set_phase(previous)
 
 
 @dataclass(frozen=True)
@@ -113,7 +137,16 @@ class Job:
                 timeout=self.timeout,
                 device_id=torch.device(device) if backend == "nccl" else None,
             )
-        self.barrier_group = dist.new_group(backend="gloo", timeout=self.timeout) if backend != "gloo" else None
+        self.barrier_group: dist.ProcessGroup | None = None  # None: the default (gloo) group
+        if backend != "gloo":
+            group = dist.new_group(backend="gloo", timeout=self.timeout)
+            # From torch 2.14 new_group is typed to return a non-member sentinel too; every rank
+            # is a member of this one.
+            assert isinstance(group, dist.ProcessGroup)
+            self.barrier_group = group
+        publisher = board.publisher()
+        if publisher is not None and publisher.board_dir is None:
+            publisher.store = _board_store()  # no board directory (torchrun): the job's store
         self._sp_groups: dict[int, tuple[Any, list[int]]] = {}
 
     @property
@@ -135,17 +168,16 @@ class Job:
         return self._sp_groups[sp_size]
 
     def sync(self, name: str) -> None:
-        """Meet every rank before phase ``name``; name the ranks that do not come."""
+        """Meet every rank before phase ``name``; raise :class:`SyncError` if some rank does not
+        come (:func:`diagnose` then reads the board for which rank stopped, and where)."""
         with phase(name):
+            start = time.monotonic()
             try:
                 dist.monitored_barrier(self.barrier_group, timeout=self.timeout, wait_all_ranks=True)
             except RuntimeError as exc:
-                missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(exc))
-                who = f"rank(s) {missing.group(1).strip()}" if missing else "some rank"
-                raise PhaseError(
-                    f"{who} did not reach phase {name!r} within {self.timeout.total_seconds():g}s "
-                    f"(crashed or hung): {_first_line(exc)}"
-                ) from exc
+                found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(exc))
+                missing = [int(r) for r in re.findall(r"\d+", found.group(1))] if found else []
+                raise SyncError(name, missing, time.monotonic() - start, _first_line(exc)) from exc
 
     def gather(self, obj: Any, group: Any, group_ranks: list[int]) -> list[Any] | None:
         """Objects of ``group`` at its first rank (None elsewhere).
@@ -182,6 +214,64 @@ class Job:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def _board_store() -> Any:
+    """A client of the job's c10d store for the board, or None where there is none to reach."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    try:
+        return dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=10), wait_for_workers=False)
+    except Exception:  # noqa: BLE001 - no board across nodes; failures are still named, less precisely
+        return None
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What a rank's infrastructure failure says: the message, the ranks it blames, and the
+    phase the (first) blamed rank was in."""
+
+    message: str
+    culprits: tuple[int, ...]
+    phase: str
+    own: bool  # this rank's own code failed (its traceback is worth showing)
+
+
+def diagnose(exc: BaseException, rank: int, world_size: int) -> Diagnosis:
+    """Blame for a failure on this rank: this rank, if its own code failed; if a collective or
+    barrier failed, the rank(s) the board shows stopped, or busy elsewhere while this one waited."""
+    where = phase_of(exc)
+    board.failing(where)
+    itself = f"rank {rank} failed in phase {where!r}: {type(exc).__name__}: {_first_line(exc)}"
+    if not _in_collective(exc):
+        return Diagnosis(itself, (rank,), where, True)
+    culprits = board.find_culprits(world_size, rank)
+    blamed = tuple(sorted({c.rank for c in culprits})) or (tuple(exc.missing) if isinstance(exc, SyncError) else ())
+    if not blamed:
+        return Diagnosis(itself, (), where, False)
+    waited = exc.waited if isinstance(exc, SyncError) else getattr(exc, "sp_rope_elapsed", 0.0)
+    # With the board's account, gloo's own words ("check rank 0 logs") would only mislead.
+    found = "; ".join(map(str, culprits)) if culprits else exc.cause if isinstance(exc, SyncError) else _first_line(exc)
+    message = (
+        f"rank(s) {', '.join(map(str, blamed))} did not reach phase {where!r}: {found}; "
+        f"rank {rank} gave up after {waited:.1f}s"
+    )
+    return Diagnosis(message, blamed, culprits[0].phase if culprits else where, False)
+
+
+def _in_collective(exc: BaseException) -> bool:
+    """Did the exception (or what caused it) come out of torch.distributed: a barrier or
+    collective that failed because of another rank, not this rank's own code?"""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SyncError) or isinstance(seen, getattr(dist, "DistError", ())):
+            return True
+        frames = traceback.extract_tb(seen.__traceback__)
+        if frames and "/torch/distributed/" in frames[-1].filename.replace(os.sep, "/"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _tensor_from_bytes(dtype: str, shape: tuple[int, ...], data: bytes) -> torch.Tensor:
