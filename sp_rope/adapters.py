@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
@@ -31,7 +32,28 @@ _file_modules: dict[Path, Any] = {}
 
 
 def load_object(target: str, option: str = "--impl") -> Any:
-    """Resolve ``module:attr`` or ``path/file.py:attr`` (the file needs no installation)."""
+    """Resolve ``module:attr`` or ``path/file.py:attr`` (the file needs no installation).
+
+    Any failure to import — a SyntaxError, an exception, even ``sys.exit`` at import time — is a
+    one-line ConfigError naming the file and line, never a traceback or a foreign exit code.
+    """
+    import traceback
+
+    def import_failed(exc: BaseException) -> ConfigError:
+        if isinstance(exc, SyntaxError) and exc.filename:
+            at = f"{exc.filename}:{exc.lineno}"
+            what = f"SyntaxError: {exc.msg}"
+        else:
+            frames = traceback.extract_tb(exc.__traceback__)
+            # The user's frame, not importlib's: the last one outside the import machinery.
+            user = [f for f in frames if "importlib" not in f.filename and f.filename != __file__]
+            at = f"{user[-1].filename}:{user[-1].lineno}" if user else where
+            detail = str(exc).strip().splitlines()
+            what = f"{type(exc).__name__}: {detail[0] if detail else ''}".rstrip(": ")
+            if isinstance(exc, SystemExit):
+                what += " (sys.exit at import)"
+        return ConfigError(f"{option} {target!r}: importing {where!r} failed at {at}: {what}")
+
     where, sep, attr = target.rpartition(":")
     if not sep or not where or not attr:
         raise ConfigError(f"{option} {target!r}: expected module:attr or path/to/file.py:attr")
@@ -46,13 +68,19 @@ def load_object(target: str, option: str = "--impl") -> Any:
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # one module object for --impl and --impl-cache
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except (Exception, SystemExit) as exc:
+                del sys.modules[name]
+                raise import_failed(exc) from None
             _file_modules[path] = module
     else:
         try:
             module = importlib.import_module(where)
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
             raise ConfigError(f"{option} {target!r}: cannot import {where!r}: {exc}") from None
+        except (Exception, SystemExit) as exc:
+            raise import_failed(exc) from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -83,6 +111,12 @@ class CacheWatcher:
         return set(self.mapping.keys())
 
 
+def as_passed(factors: tuple[float, ...]) -> float | list[float]:
+    """A per-axis factor as callers usually pass it: a scalar when every axis has the same one
+    (RopeSpec normalizes both spellings to one value per axis), else the list."""
+    return factors[0] if len(set(factors)) == 1 else list(factors)
+
+
 @dataclass
 class _Group:
     """What FastVideo's ``get_sp_group()`` returns."""
@@ -94,7 +128,8 @@ class _Group:
 class FastVideoProvider(Provider):
     """``fn(rope_sizes, hidden_size, heads_num, rope_dim_list, rope_theta, ...) -> (cos, sin)``.
 
-    The function finds its SP rank through ``get_sp_group()`` in its own module's globals; the
+    The function finds its SP rank through ``get_sp_group()`` in its own module's globals (those
+    of the undecorated function, when a decorator such as ``@torch.no_grad()`` wraps it); the
     adapter substitutes that global with the current SP group for the call and restores it.
     Layout: interleaved (``use_real=True``) or half; scheme: contiguous along ``shard_dim``.
     """
@@ -111,7 +146,7 @@ class FastVideoProvider(Provider):
 
     @contextlib.contextmanager
     def _sp_group(self, group: _Group) -> Iterator[None]:
-        module_globals = self.fn.__globals__
+        module_globals = inspect.unwrap(self.fn).__globals__
         missing = object()
         saved = module_globals.get("get_sp_group", missing)
         module_globals["get_sp_group"] = lambda: group
@@ -123,26 +158,35 @@ class FastVideoProvider(Provider):
             else:
                 module_globals["get_sp_group"] = saved
 
-    def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
-        axis = 0 if plan.axis is None else plan.axis
-        before = self.watcher.snapshot() if self.watcher else set()
-        with self._sp_group(_Group(sp_rank, sp_size)):
-            cos, sin = self.fn(
+    def _call(self, spec: RopeSpec, shard_dim: int, group: _Group, sharded: bool) -> tuple[torch.Tensor, ...]:
+        with self._sp_group(group):
+            return self.fn(  # type: ignore[no-any-return]
                 list(spec.grid),
                 spec.head_dim,
                 1,
                 list(spec.rope_dim_list),
                 spec.theta,
-                theta_rescale_factor=list(spec.theta_rescale_factor),  # type: ignore[arg-type]
-                interpolation_factor=list(spec.interpolation_factor),  # type: ignore[arg-type]
-                shard_dim=axis,
-                do_sp_sharding=sp_size > 1,
+                theta_rescale_factor=as_passed(spec.theta_rescale_factor),  # type: ignore[arg-type]
+                interpolation_factor=as_passed(spec.interpolation_factor),  # type: ignore[arg-type]
+                shard_dim=shard_dim,
+                do_sp_sharding=sharded,
                 dtype=spec.torch_dtype,
                 start_frame=spec.start_frame,
                 use_real=spec.layout == "interleaved",
             )
+
+    def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
+        axis = 0 if plan.axis is None else plan.axis
+        before = self.watcher.snapshot() if self.watcher else set()
+        cos, sin = self._call(spec, axis, _Group(sp_rank, sp_size), sp_size > 1)
         key = self.watcher.key_for((cos, sin), before) if self.watcher else None
         return RopeSlice(cos, sin, plan.indices(spec.grid, sp_rank, sp_size), key)
+
+    def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
+        # Asked from inside the real SP group, with do_sp_sharding=False: a function that shards
+        # whenever its group has several ranks returns a block here, and fails the shape check.
+        cos, sin = self._call(spec, 0, _Group(*within), False)
+        return RopeSlice(cos, sin, torch.arange(spec.num_tokens))
 
 
 class FastVideoNdProvider(Provider):
@@ -165,8 +209,8 @@ class FastVideoNdProvider(Provider):
             list(spec.rope_dim_list),
             list(spec.grid),
             theta=spec.theta,
-            theta_rescale_factor=list(spec.theta_rescale_factor),  # type: ignore[arg-type]
-            interpolation_factor=list(spec.interpolation_factor),  # type: ignore[arg-type]
+            theta_rescale_factor=as_passed(spec.theta_rescale_factor),  # type: ignore[arg-type]
+            interpolation_factor=as_passed(spec.interpolation_factor),  # type: ignore[arg-type]
             shard_dim=0 if plan.axis is None else plan.axis,
             sp_rank=sp_rank,
             sp_world_size=sp_size,
@@ -191,22 +235,28 @@ class FastVideoNdProvider(Provider):
                 )
         return out
 
-    def full(self, spec: RopeSpec, device: str) -> RopeSlice:
+    def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
+        # The explicit-argument API says "unsharded" by sp_world_size=1 whatever group asks.
         return self._build(spec, UNSHARDED, 0, 1, device)
 
 
 class DiffusersWanProvider(Provider):
-    """diffusers' ``WanRotaryPosEmbed``, sharded as diffusers' context-parallel plan shards its
-    output: a contiguous split of the flattened sequence. Its tables are float32 (angles in
-    float64), so only float32 cases are expressible; it has no start_frame and no cache."""
+    """A ``WanRotaryPosEmbed``-like class (diffusers' own without ``--impl``), sharded as diffusers'
+    context-parallel plan shards its output: a contiguous split of the flattened sequence.
 
-    name = "diffusers-wan"
+    The class is constructed as diffusers constructs it, ``cls(attention_head_dim,
+    patch_size=(1, 1, 1), max_seq_len, theta=theta)``, once per head dim and theta (one model),
+    and called on a latent ``[1, C, T, H, W]`` for every table, returning ``(cos, sin)`` shaped
+    ``[1, T*H*W, 1, D]``. diffusers' tables are float32 (angles in float64), so only float32 cases
+    are expressible; there is no start_frame, rescale or interpolation argument."""
 
-    def __init__(self) -> None:
-        # Only look for the package here (cheap); import it on first use, in the ranks.
-        if importlib.util.find_spec("diffusers") is None:
+    def __init__(self, cls: Any = None, impl: str | None = None) -> None:
+        if cls is None and importlib.util.find_spec("diffusers") is None:
+            # Only look for the package here (cheap); import it on first use, in the ranks.
             raise ConfigError("--convention diffusers-wan needs diffusers: pip install -e '.[diffusers]'")
-        self._full: dict[RopeSpec, RopeSlice] = {}
+        self.cls = cls
+        self.name = f"diffusers-wan ({impl or 'diffusers WanRotaryPosEmbed'})"
+        self._models: dict[tuple[int, float], Any] = {}
 
     def skip_reason(self, spec: RopeSpec, plan: ShardPlan) -> str | None:
         if str(plan) != "flat":
@@ -219,21 +269,29 @@ class DiffusersWanProvider(Provider):
             return "diffusers' Wan RoPE has no start_frame, theta rescale or interpolation"
         return None
 
-    def full(self, spec: RopeSpec, device: str) -> RopeSlice:
-        if spec not in self._full:
+    def _model(self, spec: RopeSpec) -> Any:
+        if self.cls is None:
             from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-            rope = WanRotaryPosEmbed(spec.head_dim, (1, 1, 1), max(spec.grid), theta=spec.theta)
-            latents = torch.zeros(1, 1, *spec.grid)
-            cos, sin = rope(latents)
-            n = spec.num_tokens
-            self._full[spec] = RopeSlice(cos.reshape(n, -1).to(device), sin.reshape(n, -1).to(device), torch.arange(n))
-        return self._full[spec]
+            self.cls = WanRotaryPosEmbed
+        key = (spec.head_dim, spec.theta)
+        if key not in self._models:
+            # Wan's own max_seq_len; a larger grid needs more precomputed positions.
+            self._models[key] = self.cls(spec.head_dim, (1, 1, 1), max(1024, *spec.grid), theta=spec.theta)
+        return self._models[key]
+
+    def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
+        cos, sin = self._model(spec)(torch.zeros(1, 1, *spec.grid))
+        cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+        return RopeSlice(cos.to(device), sin.to(device), torch.arange(spec.num_tokens))
 
     def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
         full = self.full(spec, device)
         indices = plan.indices(spec.grid, sp_rank, sp_size)
-        return RopeSlice(full.cos[indices.to(full.cos.device)], full.sin[indices.to(full.cos.device)], indices)
+        if full.cos.shape[0] != spec.num_tokens:  # a table of the wrong length: the check rejects it whole
+            return RopeSlice(full.cos, full.sin, indices)
+        rows = indices.to(full.cos.device)
+        return RopeSlice(full.cos[rows], full.sin[rows], indices)
 
 
 def make_provider(impl: str | None, convention: str, impl_cache: str | None) -> Provider:
@@ -241,7 +299,13 @@ def make_provider(impl: str | None, convention: str, impl_cache: str | None) -> 
     if convention not in CONVENTIONS:
         raise ConfigError(f"--convention: unknown value {convention!r} (choose from {', '.join(CONVENTIONS)})")
     if convention == "diffusers-wan":
-        return DiffusersWanProvider()
+        if impl_cache is not None:
+            # The adapter slices the class's whole table for every rank: keys would be shared.
+            raise ConfigError("--impl-cache does not apply to --convention diffusers-wan")
+        cls = load_object(impl) if impl is not None else None
+        if impl is not None and not callable(cls):
+            raise ConfigError(f"--impl {impl!r} is not a class (diffusers-wan constructs it like WanRotaryPosEmbed)")
+        return DiffusersWanProvider(cls, impl)
     if impl is None:
         if convention != "native":
             raise ConfigError(f"--convention {convention} needs --impl module:attr or path/to/file.py:attr")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 
+import pytest
 import torch
 from helpers import REPO, check
 
@@ -12,26 +14,86 @@ from sp_rope import RopeSpec, ShardPlan, build_table
 from sp_rope.adapters import DiffusersWanProvider, load_object, make_provider
 from sp_rope.oracle import oracle_table, tolerance
 
-FASTVIDEO = REPO / "sp_rope" / "mutants" / "correct_fastvideo.py"
+FASTVIDEO = REPO / "sp_rope" / "mutants" / "fastvideo.py"
 
 
 def test_impl_and_impl_cache_in_one_file_share_one_module():
-    fn = load_object(f"{FASTVIDEO}:rope")
-    cache = load_object(f"{FASTVIDEO}:ROPE_CACHE")
-    assert fn.__globals__["ROPE_CACHE"] is cache
-    assert load_object(f"{FASTVIDEO}:rope") is fn  # loaded once, not re-executed
+    fn = load_object(f"{FASTVIDEO}:correct_fastvideo")
+    cache = load_object(f"{FASTVIDEO}:correct_fastvideo.cache")
+    assert fn.cache is cache
+    assert load_object(f"{FASTVIDEO}:correct_fastvideo") is fn  # loaded once, not re-executed
 
 
-def test_fastvideo_adapter_substitutes_and_restores_get_sp_group():
-    provider = make_provider(f"{FASTVIDEO}:rope", "fastvideo", f"{FASTVIDEO}:ROPE_CACHE")
-    original = provider.fn.__globals__["get_sp_group"]
+@pytest.mark.parametrize("name", ["correct_fastvideo", "correct_fastvideo_no_grad"])
+def test_fastvideo_adapter_substitutes_and_restores_get_sp_group(name):
+    # correct_fastvideo_no_grad is wrapped by @torch.no_grad(): its __globals__ are torch's, and
+    # the get_sp_group it reads lives in the module of the function it wraps.
+    provider = make_provider(f"{FASTVIDEO}:{name}", "fastvideo", f"{FASTVIDEO}:{name}.cache")
+    module_globals = inspect.unwrap(provider.fn).__globals__
+    original = module_globals["get_sp_group"]
     spec = RopeSpec((4, 2, 2), (8, 8, 8), dtype="float64")
     plan = ShardPlan("contiguous", axis=0)
     sl = provider.get(spec, plan, 1, 2, "cpu")
-    assert provider.fn.__globals__["get_sp_group"] is original
+    assert module_globals["get_sp_group"] is original
+    assert "get_sp_group" not in provider.fn.__globals__ or provider.fn.__globals__ is module_globals
     full_cos, _ = build_table(spec)
-    assert torch.equal(sl.cos, full_cos[plan.indices(spec.grid, 1, 2)])
-    assert sl.key is not None and sl.key in load_object(f"{FASTVIDEO}:ROPE_CACHE")
+    assert torch.equal(sl.cos, full_cos[plan.indices(spec.grid, 1, 2)])  # rank 1's rows, not rank 0's
+    assert sl.key is not None and sl.key in load_object(f"{FASTVIDEO}:{name}.cache")
+
+
+RECORDER = """
+import torch
+CALLS = []
+
+def get_sp_group():
+    raise AssertionError("the check did not substitute get_sp_group")
+
+def fastvideo(rope_sizes, hidden_size, heads_num, rope_dim_list, rope_theta, theta_rescale_factor=1.0,
+              interpolation_factor=1.0, shard_dim=0, do_sp_sharding=False, dtype=torch.float32,
+              start_frame=0, use_real=True):
+    g = get_sp_group()
+    CALLS.append(dict(rescale=theta_rescale_factor, interpolation=interpolation_factor,
+                      sharded=do_sp_sharding, group=(g.rank_in_group, g.world_size)))
+    return torch.zeros(1, 1, dtype=dtype), torch.zeros(1, 1, dtype=dtype)
+
+def nd(rope_dim_list, rope_sizes, **kwargs):
+    CALLS.append(dict(rescale=kwargs["theta_rescale_factor"], interpolation=kwargs["interpolation_factor"],
+                      sharded=kwargs["sp_world_size"] > 1, group=(kwargs["sp_rank"], kwargs["sp_world_size"])))
+    shape = (len(range(0, 4 * 2 * 2, kwargs["sp_world_size"])), sum(rope_dim_list))  # the grid the test asks for
+    return torch.zeros(shape, dtype=kwargs["dtype"]), torch.zeros(shape, dtype=kwargs["dtype"])
+"""
+
+
+@pytest.mark.parametrize("convention", ["fastvideo", "fastvideo-nd"])
+def test_factors_are_passed_as_a_scalar_when_equal_on_every_axis_else_as_a_list(tmp_path, convention):
+    path = tmp_path / "recorder.py"
+    path.write_text(RECORDER)
+    fn = "fastvideo" if convention == "fastvideo" else "nd"
+    provider = make_provider(f"{path}:{fn}", convention, None)
+    calls = load_object(f"{path}:CALLS")
+    plan = ShardPlan("contiguous", axis=0)
+    provider.get(RopeSpec((4, 2, 2), (8, 8, 8), theta_rescale_factor=[2, 2, 2], interpolation_factor=0.5), plan, 0, 2,
+                 "cpu")
+    provider.get(RopeSpec((4, 2, 2), (8, 8, 8), theta_rescale_factor=[1, 2, 2], interpolation_factor=[1, 1, 0.5]),
+                 plan, 1, 2, "cpu")
+    assert [(c["rescale"], c["interpolation"]) for c in calls] == [(2.0, 0.5), ([1.0, 2.0, 2.0], [1.0, 1.0, 0.5])]
+    assert all(type(c["rescale"]) in (float, list) for c in calls)
+
+
+def test_fastvideo_full_table_is_asked_unsharded_from_inside_the_real_sp_group(tmp_path):
+    path = tmp_path / "recorder.py"
+    path.write_text(RECORDER)
+    provider = make_provider(f"{path}:fastvideo", "fastvideo", None)
+    provider.full(RopeSpec((4, 2, 2), (8, 8, 8)), "cpu", within=(1, 2))
+    assert load_object(f"{path}:CALLS") == [dict(rescale=1.0, interpolation=1.0, sharded=False, group=(1, 2))]
+
+
+def test_a_fastvideo_function_that_shards_unasked_returns_a_block_for_the_full_table():
+    spec = RopeSpec((4, 2, 2), (8, 8, 8), dtype="float64")
+    good = make_provider("sp_rope.mutants.fastvideo:correct_fastvideo", "fastvideo", None)
+    bad = make_provider("sp_rope.mutants.fastvideo:fv_shards_unasked", "fastvideo", None)
+    assert torch.equal(good.full(spec, "cpu", within=(1, 2)).cos, build_table(spec)[0])
+    assert bad.full(spec, "cpu", within=(1, 2)).cos.shape[0] == spec.num_tokens // 2
 
 
 def test_diffusers_wan_table_matches_the_float64_formula_in_float32():
@@ -65,8 +127,53 @@ def test_diffusers_wan_job_passes_and_skips_what_it_cannot_express(tmp_path):
         str(report),
     )
     assert result.code == 0, result
-    cases = json.loads(report.read_text())["cases"]
+    every_case = json.loads(report.read_text())["cases"]
+    cases = [c for c in every_case if c["config"] == "wan-tiny"]
     passed = [c for c in cases if c["status"] == "passed"]
     assert passed and all(c["scheme"] == "flat" and c["start_frame"] == 0 and c["dtype"] == "float32" for c in passed)
+    probed = {c["scheme"] for c in every_case if c["config"] == "probe" and c["status"] == "passed"}
+    assert probed == {"base", "grid[0]", "grid[1]", "grid[2]", "theta", "sp_rank", "sp_size"}
     reasons = " ".join(c["details"][0] for c in cases if c["status"] == "skipped")
     assert "no start_frame" in reasons and "not zigzag" in reasons and "float32 tables only" in reasons
+
+
+WAN_CLASSES = """
+import torch
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+class ThetaIgnored(WanRotaryPosEmbed):
+    def __init__(self, attention_head_dim, patch_size, max_seq_len, theta=10000.0):
+        super().__init__(attention_head_dim, patch_size, max_seq_len)  # theta dropped
+
+NOT_A_CLASS = 3
+"""
+
+
+def test_diffusers_wan_judges_the_class_named_by_impl(tmp_path):
+    path = tmp_path / "wan_classes.py"
+    path.write_text(WAN_CLASSES)
+    provider = make_provider(f"{path}:ThetaIgnored", "diffusers-wan", None)
+    assert "ThetaIgnored" in provider.name and "ThetaIgnored" not in make_provider(None, "diffusers-wan", None).name
+    spec = RopeSpec.for_head_dim((4, 6, 8), 24, theta=500.0, dtype="float32")
+    want_cos, _ = oracle_table(spec)
+    assert float((provider.full(spec, "cpu").cos.double() - want_cos).abs().max()) > 1e-2
+    assert float((DiffusersWanProvider().full(spec, "cpu").cos.double() - want_cos).abs().max()) <= tolerance(spec)
+
+
+@pytest.mark.parametrize(
+    ("impl", "impl_cache", "message"),
+    [
+        ("/no/such/file.py:x", None, "no such file"),
+        ("{path}:NOT_A_CLASS", None, "is not a class"),
+        (None, "{path}:NOT_A_CLASS", "--impl-cache does not apply to --convention diffusers-wan"),
+    ],
+)
+def test_diffusers_wan_bad_impl_is_a_usage_error(tmp_path, impl, impl_cache, message):
+    path = tmp_path / "wan_classes.py"
+    path.write_text(WAN_CLASSES)
+    args = ["--nproc", "2", "--convention", "diffusers-wan"]
+    args += ["--impl", impl.format(path=path)] if impl else []
+    args += ["--impl-cache", impl_cache.format(path=path)] if impl_cache else []
+    result = check(*args, timeout=120)
+    assert result.code == 2, result
+    assert message in result.err and "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1, result

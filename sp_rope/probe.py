@@ -1,0 +1,215 @@
+"""Key-completeness probe: change one input at a time, and every call must get its own table.
+
+A cache key that forgets a field (a grid axis, theta, one element of a per-axis factor, the
+layout, the SP rank...) hands the table cached for one input to a call with another. The matrix
+finds that only where two of its cases happen to differ in exactly that field on one rank; the
+probe makes them differ on purpose. From a small base input it varies each field alone,
+interleaving calls (base, variant, base, variant), and judges every returned table against the
+float64 oracle at its tokens, those tokens against the plan's, and, when a table is wrong,
+whether it is the very table (by content digest) an earlier call got for another input:
+
+- ``key-incomplete``: the wrong table is one returned earlier for another input, the field named;
+- ``oracle-mismatch``: another wrong table (dtype, shape or values), the varied field named;
+- ``plan-mismatch``: rows for other tokens than the plan gives the rank;
+- ``mutated-in-place``: the implementation's adapter saw a table written after it was returned.
+
+Local and pure: no collectives, one process plays every SP rank and size. ``only`` picks the
+fields by index (0 is the base input itself), so several ranks can share the work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from .cache import CacheMutationError, RopeSlice
+from .judge import tensor_digest
+from .oracle import oracle_table, tolerance
+from .providers import Provider
+from .report import CaseResult
+from .sharding import ShardPlan, parse_plan
+from .spec import RopeSpec
+
+
+@dataclass(frozen=True)
+class ProbeInput:
+    """Everything a provider call takes, but the device."""
+
+    spec: RopeSpec
+    plan: ShardPlan
+    sp_rank: int
+    sp_size: int
+
+    def with_spec(self, **changes: object) -> ProbeInput:
+        return replace(self, spec=self.spec.replace(**changes))
+
+
+@dataclass(frozen=True)
+class Base:
+    """The input every field is varied from, with the plans its shard-axis and scheme variants use."""
+
+    input: ProbeInput
+    other_axis: ShardPlan
+    other_scheme: ShardPlan
+
+
+@dataclass(frozen=True)
+class Variant:
+    field: str  # as RopeSpec spells it: grid[1], theta_rescale_factor[0], dtype, ...; sp_rank, scheme ...
+    input: ProbeInput
+    change: str  # "2 -> 4"
+
+
+# Every grid axis even (each convention's contiguous split at SP size 2), t divisible by 4 (the SP
+# size variant), unequal head-dim parts, theta not the default, non-unit factors on every axis: the
+# rescale equal on all (adapters pass it as a scalar, its variants as lists), the interpolation
+# unequal (a list, whose variants differ from it in one element only), a causal offset.
+BASES = (
+    Base(
+        ProbeInput(
+            RopeSpec((4, 2, 6), (8, 12, 4), theta=500.0, theta_rescale_factor=2.0,
+                     interpolation_factor=(0.5, 0.75, 1.5), dtype="float64", layout="interleaved", start_frame=3),
+            parse_plan("contiguous:t"), 0, 2,
+        ),
+        parse_plan("contiguous:h"),
+        parse_plan("zigzag:t"),
+    ),
+    # For conventions with a fixed head-dim split, float32 tables only and no offset or factors
+    # (diffusers' Wan RoPE): grid, theta and the SP coordinates are still probed.
+    Base(
+        ProbeInput(RopeSpec((4, 2, 6), (8, 8, 8), theta=500.0, dtype="float32"), parse_plan("flat"), 0, 2),
+        parse_plan("contiguous:h"),
+        parse_plan("zigzag"),
+    ),
+)
+
+
+def variants(base: Base) -> list[Variant]:
+    """Each field of ``base`` changed alone, to a value that changes the table."""
+    b, s = base.input, base.input.spec
+    out = []
+    for a, size in enumerate(s.grid):
+        grid = tuple(n + 2 if i == a else n for i, n in enumerate(s.grid))
+        out.append(Variant(f"grid[{a}]", b.with_spec(grid=grid), f"{size} -> {size + 2}"))
+    dims = (s.rope_dim_list[0] + 4, s.rope_dim_list[1] - 4, *s.rope_dim_list[2:])  # the same head dim
+    out.append(Variant("rope_dim_list", b.with_spec(rope_dim_list=dims), f"{list(s.rope_dim_list)} -> {list(dims)}"))
+    out.append(Variant("theta", b.with_spec(theta=s.theta * 1.8), f"{s.theta:g} -> {s.theta * 1.8:g}"))
+    for name in ("theta_rescale_factor", "interpolation_factor"):
+        values: tuple[float, ...] = getattr(s, name)
+        for a, value in enumerate(values):
+            changed = tuple(v * 1.5 if i == a else v for i, v in enumerate(values))
+            out.append(Variant(f"{name}[{a}]", b.with_spec(**{name: changed}), f"{value:g} -> {value * 1.5:g}"))
+    other_dtype = "float32" if s.dtype == "float64" else "float64"
+    out.append(Variant("dtype", b.with_spec(dtype=other_dtype), f"{s.dtype} -> {other_dtype}"))
+    other_layout = "half" if s.layout != "half" else "interleaved"
+    out.append(Variant("layout", b.with_spec(layout=other_layout), f"{s.layout} -> {other_layout}"))
+    later = s.start_frame + 5
+    out.append(Variant("start_frame", b.with_spec(start_frame=later), f"{s.start_frame} -> {later}"))
+    rank = (b.sp_rank + 1) % b.sp_size
+    out.append(Variant("sp_rank", replace(b, sp_rank=rank), f"{b.sp_rank} -> {rank}"))
+    out.append(Variant("sp_size", replace(b, sp_size=2 * b.sp_size), f"{b.sp_size} -> {2 * b.sp_size}"))
+    out.append(Variant("shard axis", replace(b, plan=base.other_axis), f"{b.plan} -> {base.other_axis}"))
+    out.append(Variant("scheme", replace(b, plan=base.other_scheme), f"{b.plan} -> {base.other_scheme}"))
+    return out
+
+
+def wrong(inp: ProbeInput, sl: RopeSlice) -> str | None:
+    """Why ``sl`` is not ``inp``'s table at the tokens it claims, or None when it is."""
+    spec = inp.spec
+    cos, sin, claimed = sl.cos.detach().cpu(), sl.sin.detach().cpu(), sl.indices.detach().cpu().to(torch.int64)
+    want = ((claimed.numel(), spec.width), spec.torch_dtype)
+    if (tuple(cos.shape), cos.dtype) != want or (tuple(sin.shape), sin.dtype) != want:
+        got = f"cos {list(cos.shape)} {cos.dtype}, sin {list(sin.shape)} {sin.dtype}"
+        return f"is {got}; expected {list(want[0])} {want[1]}"
+    if claimed.numel() and (int(claimed.min()) < -1 or int(claimed.max()) >= spec.num_tokens):
+        return f"claims token indices outside [-1, {spec.num_tokens})"
+    tol = tolerance(spec)
+    want_cos, want_sin = oracle_table(spec, claimed)
+    worst = max(float((got.double() - ref).abs().max()) if got.numel() else 0.0
+                for got, ref in ((cos, want_cos), (sin, want_sin)))
+    if not worst <= tol:  # also NaN
+        return f"differs from the float64 formula by {worst:.3g} > tolerance {tol:.3g}"
+    return None
+
+
+class _Probe:
+    """The calls of one probe, and every table they got (digest -> the first input that got it)."""
+
+    def __init__(self, provider: Provider, device: str, base: Base) -> None:
+        self.provider, self.device, self.base = provider, device, base
+        self.seen: dict[str, ProbeInput] = {}
+        self.labels: dict[ProbeInput, str] = {base.input: "the base input"}
+        self.base_table: str | None = None  # digest of the first base call's table, judged once
+
+    def call(self, case: CaseResult, inp: ProbeInput, what: str) -> None:
+        """One call, judged into ``case``; ``what`` names the call in messages."""
+        try:
+            sl = self.provider.get(inp.spec, inp.plan, inp.sp_rank, inp.sp_size, self.device)
+        except CacheMutationError as exc:
+            case.fail("mutated-in-place", f"{what}: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - the implementation failed: a verdict, not a crash
+            case.fail("implementation-error", f"{what}: {type(exc).__name__}: {str(exc).strip()[:200]}")
+            return
+        digest = tensor_digest(sl.cos.detach(), sl.sin.detach())
+        if inp == self.base.input:
+            if digest == self.base_table:  # the same table as the first base call: judged there
+                return
+            self.base_table = self.base_table or digest
+        earlier = self.seen.setdefault(digest, inp)
+        problem = wrong(inp, sl)
+        planned = inp.plan.indices(inp.spec.grid, inp.sp_rank, inp.sp_size)
+        other_tokens = not torch.equal(sl.indices.detach().cpu().to(torch.int64), planned)
+        if (problem is not None or other_tokens) and earlier != inp:
+            case.fail("key-incomplete", f"{what} got the table returned earlier for {self.labels[earlier]} "
+                                        f"(a cache key without {case.scheme}, or {case.scheme} ignored)")
+        elif problem is not None:
+            case.fail("oracle-mismatch", f"{what}: the table {problem}")
+        elif other_tokens:
+            case.fail("plan-mismatch", f"{what}: rows for other tokens than {inp.plan} gives SP rank "
+                                       f"{inp.sp_rank} of {inp.sp_size}")
+
+    def field(self, case: CaseResult, variant: Variant) -> None:
+        """Base and variant calls, interleaved: each must get its own table every time."""
+        self.labels[variant.input] = f"{variant.field} = {variant.change.split(' -> ')[1]}"
+        changed = f"{variant.field} changed alone ({variant.change})"
+        base = self.base.input
+        self.call(case, base, f"the base call before {changed}")
+        self.call(case, variant.input, f"the first call with {changed}")
+        self.call(case, base, f"the base call after {changed}")
+        self.call(case, variant.input, f"the second call with {changed}")
+
+
+def _case(name: str, inp: ProbeInput) -> CaseResult:
+    s = inp.spec
+    return CaseResult("probe", name, inp.sp_size, s.start_frame, s.dtype, s.layout)
+
+
+def probe_keys(provider: Provider, device: str, only: Callable[[int], bool] | None = None) -> list[CaseResult]:
+    """One case for the base input (index 0) and one per varied field (indices 1...), those that
+    ``only`` selects; an input the provider cannot express is a skipped case, never a pass."""
+    base = next((b for b in BASES if provider.skip_reason(b.input.spec, b.input.plan) is None), BASES[0])
+    todo = [Variant("base", base.input, "")] + variants(base)
+    chosen = [v for i, v in enumerate(todo) if only is None or only(i)]
+    cases = [_case(v.field, v.input) for v in chosen]
+    reason = provider.skip_reason(base.input.spec, base.input.plan)
+    if reason is not None:
+        for case in cases:
+            case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
+        return cases
+    probe = _Probe(provider, device, base)
+    # The first call of all, judged where the base case is reported (or nowhere, on a rank
+    # without it): every field's calls are compared with it.
+    base_case = next((c for c, v in zip(cases, chosen) if v.field == "base"), _case("base", base.input))
+    probe.call(base_case, base.input, "the base call")
+    for case, variant in zip(cases, chosen):
+        if variant.field == "base":
+            continue
+        reason = provider.skip_reason(variant.input.spec, variant.input.plan)
+        if reason is not None:
+            case.skip(f"not probed: {variant.field} {variant.change}: {reason}")
+            continue
+        probe.field(case, variant)
+    return cases

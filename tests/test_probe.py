@@ -1,0 +1,167 @@
+"""The key-completeness probe (sp_rope.probe), in one process: each field a key can forget is
+named when forgotten, correct implementations of every convention pass every field they can
+express, and the fields they cannot express are reported skipped, never passed."""
+
+from __future__ import annotations
+
+import pytest
+
+from sp_rope.adapters import DiffusersWanProvider, make_provider
+from sp_rope.mutants import catalog
+from sp_rope.mutants.native import NativeRope
+from sp_rope.probe import probe_keys
+from sp_rope.providers import NativeProvider, Provider, SpRopeProvider
+from sp_rope.report import CaseResult
+
+# Written out here, not taken from sp_rope.probe: a field the probe stops varying fails these tests.
+FIELDS = [
+    "grid[0]", "grid[1]", "grid[2]", "rope_dim_list", "theta",
+    "theta_rescale_factor[0]", "theta_rescale_factor[1]", "theta_rescale_factor[2]",
+    "interpolation_factor[0]", "interpolation_factor[1]", "interpolation_factor[2]",
+    "dtype", "layout", "start_frame", "sp_rank", "sp_size", "shard axis", "scheme",
+]
+CATALOG = {m.name: m for m in catalog()}
+CORRECT = [m for m in catalog() if m.expected is None]
+
+
+def _provider(name: str) -> Provider:
+    m = CATALOG[name]
+    return make_provider(f"{m.module}:{m.impl}", m.convention, f"{m.module}:{m.cache}" if m.cache else None)
+
+
+def _by_status(cases: list[CaseResult]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {"passed": set(), "failed": set(), "skipped": set()}
+    for case in cases:
+        out[case.status].add(case.scheme)
+    return out
+
+
+def _failures(cases: list[CaseResult]) -> dict[str, list[str]]:
+    return {c.scheme: c.diagnoses for c in cases if c.status == "failed"}
+
+
+@pytest.mark.parametrize("name", [m.name for m in CORRECT])
+def test_correct_catalog_implementations_pass_every_field_they_can_express(name):
+    cases = probe_keys(_provider(name), "cpu")
+    status = _by_status(cases)
+    assert [c.config for c in cases] == ["probe"] * (1 + len(FIELDS))
+    if CATALOG[name].convention == "native":
+        assert status == {"passed": {"base", *FIELDS}, "failed": set(), "skipped": set()}, _failures(cases)
+    else:  # fastvideo conventions shard contiguously only
+        assert status == {"passed": {"base", *FIELDS} - {"scheme"}, "failed": set(), "skipped": {"scheme"}}
+        (scheme,) = [c for c in cases if c.scheme == "scheme"]
+        assert scheme.details[0].startswith("not probed: scheme contiguous:t -> zigzag:t:"), scheme.details
+
+
+def test_sp_rope_itself_passes_every_field():
+    assert _by_status(probe_keys(SpRopeProvider(), "cpu")) == {
+        "passed": {"base", *FIELDS}, "failed": set(), "skipped": set()
+    }
+
+
+def test_diffusers_wan_is_probed_where_it_can_be_and_skipped_elsewhere():
+    cases = probe_keys(DiffusersWanProvider(), "cpu")
+    status = _by_status(cases)
+    probed = {"base", "grid[0]", "grid[1]", "grid[2]", "theta", "sp_rank", "sp_size"}
+    assert status == {"passed": probed, "failed": set(), "skipped": {"base", *FIELDS} - probed}
+    assert all(c.details[0].startswith("not probed: ") for c in cases if c.status == "skipped")
+    assert {c.dtype for c in cases if c.status == "passed"} == {"float32"}
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_a_key_without_one_field_is_named_key_incomplete(field):
+    impl = NativeRope(forget=(field,))  # the catalog's correct native implementation, one key field less
+    cases = probe_keys(NativeProvider(impl, f"native key without {field}"), "cpu")
+    assert _failures(cases) == {field: ["key-incomplete"]}
+    (case,) = [c for c in cases if c.scheme == field]
+    assert "got the table returned earlier for the base input" in case.details[0], case.details
+
+
+# Catalog mutants whose cache key forgets a field, and the fields the probe must name for them.
+KEY_MUTANTS = {
+    "fv_key_grid_th": {"grid[2]"},
+    "fv_key_no_theta": {"theta"},
+    "fv_key_rescale_first": {"theta_rescale_factor[1]", "theta_rescale_factor[2]"},
+    "fv_key_interp_first_two": {"interpolation_factor[2]"},
+    "fv_key_no_use_real": {"layout"},
+    "fv_key_no_rope_dim_list": {"rope_dim_list"},
+    "fv_key_no_dtype": {"dtype"},
+    "fv_key_no_start_frame": {"start_frame"},
+    "fv_key_no_sp_rank": {"sp_rank"},
+    "fv_key_no_sp_world_size": {"sp_size"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEY_MUTANTS))
+def test_catalog_key_mutants_are_named_by_the_field_their_key_forgets(name):
+    failures = _failures(probe_keys(_provider(name), "cpu"))
+    assert failures == {field: ["key-incomplete"] for field in KEY_MUTANTS[name]}
+
+
+def test_another_wrong_table_is_an_oracle_mismatch_naming_the_varied_field():
+    # start_frame added after sharding, on SP rank 0 only: rank 1's table is wrong, and new.
+    cases = probe_keys(_provider("fv_start_frame_rank0"), "cpu")
+    assert _failures(cases) == {"sp_rank": ["oracle-mismatch"]}
+    (case,) = [c for c in cases if c.scheme == "sp_rank"]
+    assert "sp_rank changed alone (0 -> 1)" in case.details[0] and "float64 formula" in case.details[0]
+
+
+def test_rows_for_another_ranks_tokens_are_a_plan_mismatch():
+    failures = _failures(probe_keys(_provider("native_next_rank_tokens"), "cpu"))
+    assert failures["base"] == ["plan-mismatch"] and set(failures) == {"base", *FIELDS}
+
+
+def test_a_table_written_after_it_was_returned_is_reported():
+    failures = _failures(probe_keys(_provider("nd_shared_workspace"), "cpu"))
+    assert failures and all(diagnoses == ["mutated-in-place"] for diagnoses in failures.values())
+
+
+class _NoFloat32(Provider):
+    """sp_rope's own tables, but float32 cannot be expressed."""
+
+    name = "no-float32"
+
+    def __init__(self) -> None:
+        self.inner = SpRopeProvider()
+
+    def skip_reason(self, spec, plan):
+        return "float32 is not supported here" if spec.dtype == "float32" else None
+
+    def get(self, spec, plan, sp_rank, sp_size, device):
+        if spec.dtype == "float32":
+            raise AssertionError("the probe called an input the provider cannot express")
+        return self.inner.get(spec, plan, sp_rank, sp_size, device)
+
+
+def test_an_inexpressible_field_is_skipped_with_its_reason_and_never_called():
+    cases = probe_keys(_NoFloat32(), "cpu")
+    assert _by_status(cases) == {"passed": {"base", *FIELDS} - {"dtype"}, "failed": set(), "skipped": {"dtype"}}
+    (dtype,) = [c for c in cases if c.scheme == "dtype"]
+    assert dtype.details == ["not probed: dtype float64 -> float32: float32 is not supported here"]
+
+
+class _ExpressesNothing(Provider):
+    name = "nothing"
+
+    def skip_reason(self, spec, plan):
+        return "nothing at all"
+
+    def get(self, spec, plan, sp_rank, sp_size, device):
+        raise AssertionError("called")
+
+
+def test_a_provider_that_cannot_express_the_base_gets_every_field_skipped():
+    cases = probe_keys(_ExpressesNothing(), "cpu")
+    assert _by_status(cases) == {"passed": set(), "failed": set(), "skipped": {"base", *FIELDS}}
+    assert all(c.details[0].startswith("not probed: ") and "nothing at all" in c.details[0] for c in cases)
+
+
+def test_only_spreads_the_fields_over_ranks_each_exactly_once():
+    world = 4
+    per_rank = [
+        [c.scheme for c in probe_keys(SpRopeProvider(), "cpu", only=lambda i, r=rank: i % world == r)]
+        for rank in range(world)
+    ]
+    everything = [name for names in per_rank for name in names]
+    assert sorted(everything) == sorted(["base", *FIELDS])
+    assert per_rank[0][0] == "base" and all(len(names) >= 4 for names in per_rank)
