@@ -244,10 +244,13 @@ def fig_memory(s: Settings, budget: int) -> list[Row]:
 # --- 5. time to verdict ---------------------------------------------------------------------------
 
 
+BARE = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+        str(Path(__file__).with_name("_bare_job.py"))]
+CHECK = [sys.executable, "-m", "sp_rope.check", "--nproc", "4", "--quiet", "--seed", "1"]  # CI's fixed seed
+
+
 def fig_verdict(s: Settings) -> list[Row]:
-    check = [sys.executable, "-m", "sp_rope.check", "--nproc", "4", "--quiet"]
-    bare = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-            str(Path(__file__).with_name("_bare_job.py"))]
+    check, bare = CHECK, BARE
     times: dict[str, list[float]] = {"check": [], "bare": []}
     codes, verdict = set(), ""
     for _ in range(s.verdict_runs):
@@ -263,8 +266,55 @@ def fig_verdict(s: Settings) -> list[Row]:
     med = {k: statistics.median(v) for k, v in times.items()}
     ok = codes <= {0, 1}  # 0 pass, 1 a correctness failure: both are verdicts; 2, 3 are not
     return [Row("5", "time to verdict: sp_rope.check --nproc 4 / bare 4-rank gloo job", med["check"] / med["bare"],
-                3.0, "<=", f"median of {s.verdict_runs}: {med['check']:.2f} s vs {med['bare']:.2f} s; "
+                2.0, "<=", f"median of {s.verdict_runs}: {med['check']:.2f} s vs {med['bare']:.2f} s; "
                 f"check exit {sorted(codes)}: {verdict}", ok, {k: round(v * 1e3, 1) for k, v in med.items()})]
+
+
+# --- 7. real model presets: time, memory, growth ---------------------------------------------------
+
+# Runs one command and prints its wall seconds and the peak RSS of its largest process (ranks are
+# waited for by the launcher, so their peaks reach RUSAGE_CHILDREN), all in a fresh interpreter.
+_MEASURE = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "code = subprocess.run(sys.argv[1:], capture_output=True).returncode; "
+    "print(code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def _measure(cmd: list[str]) -> tuple[int, float, float]:
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], cwd=ROOT, capture_output=True, text=True)
+    code, seconds, kib = out.stdout.split()
+    return int(code), float(seconds), int(kib) / 1024
+
+
+def _table_level(*presets: str, narrow: bool = False) -> list[str]:
+    narrowed = ["--schemes", "flat", "--dtypes", "float32", "--layouts", "interleaved", "--start-frames", "0"]
+    return [*CHECK, "--level", "table", *(a for p in presets for a in ("--config", p)), *(narrowed if narrow else [])]
+
+
+def fig_presets(s: Settings) -> list[Row]:
+    """Real model geometries at the table level against the bare job, measured side by side;
+    peak RSS of the largest process against a bare rank plus twice the largest cos+sin pair a
+    rank holds (the unsharded float64 table: the reference every slice is compared with)."""
+    bare_code, bare_s, bare_mib = _measure(BARE)
+    rows = []
+    for preset, target in (("wan2.1-t2v-1.3b-480p", 5.0), ("wan2.1-t2v-14b-720p", 10.0)):
+        code, seconds, mib = _measure(_table_level(preset))
+        grid = {"wan2.1-t2v-1.3b-480p": 21 * 30 * 52, "wan2.1-t2v-14b-720p": 21 * 45 * 80}[preset]
+        pair_mib = 2 * grid * 128 * 8 / 2**20
+        rows.append(Row("7", f"{preset} --level table / bare 4-rank gloo job", seconds / bare_s, target, "<=",
+                        f"{seconds:.1f} s vs {bare_s:.1f} s, exit {code}", None, {"check": seconds * 1e3}))
+        rows.append(Row("7", f"{preset}: (peak RSS - bare rank) / largest cos+sin pair", (mib - bare_mib) / pair_mib,
+                        2.0, "<=", f"peak {mib:.0f} MiB, bare rank {bare_mib:.0f} MiB, pair {pair_mib:.0f} MiB"))
+    # Growth with the number of presets: one narrowed family per preset, so each adds similar work.
+    presets = ("wan2.1-t2v-1.3b-480p", "wan2.1-t2v-14b-720p", "hunyuanvideo-720p", "wan-causal-streaming")
+    times = {n: _measure(_table_level(*presets[:n], narrow=True))[1] - bare_s for n in (1, 2, 4)}
+    per_preset = {n: t / n for n, t in times.items()}
+    spread = max(per_preset.values()) / min(per_preset.values())
+    rows.append(Row("7", "growth: (time - bare) per preset at 1, 2, 4 presets, max / min", spread, 2.0, "<=",
+                    ", ".join(f"{n}: {t:.1f} s" for n, t in times.items()) + " above bare"))
+    assert bare_code == 0
+    return rows
 
 
 # --- 6. GPU ---------------------------------------------------------------------------------------
@@ -391,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="3+ rounds per race (1 s), 20k hits, 300 start_frames, 1 verdict run: < 60 s on 2 cores")
     p.add_argument("--json", default=None, help="also write the rows and the machine here")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    p.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated figure numbers")
+    p.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated figure numbers")
     p.add_argument("--budget", type=int, default=DEFAULT_MAX_BYTES, help="figure 4 byte budget (default: the cache's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -399,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     s = QUICK if a.quick else FULL
     local: dict[str, Callable[[Settings], list[Row]]] = {
         "1": fig_build, "2": fig_rank, "3": fig_cache_hit, "4": partial(fig_memory, budget=a.budget),
-        "5": fig_verdict, "6": fig_gpu,
+        "5": fig_verdict, "6": fig_gpu, "7": fig_presets,
     }
     if a.child:  # figures in this process; their rows as JSON on the last line
         rows = [r for key in a.child.split(",") for r in local[key](s)]
@@ -415,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Callable[[], list[Row]]] = {
         builds: partial(regime_rows, builds, child_argv), "3": partial(fig_cache_hit, s),
         "4": partial(in_child, "4", child_argv), "5": partial(fig_verdict, s), "6": partial(fig_gpu, s),
+        "7": partial(fig_presets, s),
     }
     info = machine(a.threads)
     print(f"sp_rope benchmarks ({'quick' if a.quick else 'full'}: {s}): {info['cpu']}, {info['cpus']} CPUs, "

@@ -1,25 +1,38 @@
-"""The comparisons behind a verdict; pure functions, no process groups.
+"""Judging: every comparison behind a verdict, in one place; no process groups.
 
-- ``compare_slices``: gathered rank slices vs the unsharded table, bit for bit, tokens checked
-  against the plan (any permutation or padding is undone through the riding indices);
-- ``compare_oracle``: the unsharded table vs the float64 formula within a per-dtype tolerance;
-- ``find_key_collisions``: cache keys shared inside an SP group, or one key, two tables.
+Each rank judges its own slices where they are, so what crosses the wire is findings, not tables:
+
+- ``judge_slice``: the rank's rows vs the implementation's unsharded table, bit for bit, at the
+  tokens the rank claims; the claimed tokens must be the plan's (``plan-mismatch``); padding rows
+  are the identity;
+- ``compare_oracle``: the unsharded table vs the independent float64 formula, within a per-dtype
+  tolerance (once per spec, on one rank: the specs are spread over the ranks);
+- ``judge_apply`` / ``judge_attention``: the upper levels, against single-rank results;
+- ``Retention``: every tensor handed out is re-checked later (``overwritten-after-return``);
+- ``find_key_collisions`` and ``check_partition``: on rank 0, over what every rank reported.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
+import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .apply import apply_rope, masked_attention
 from .cache import RopeSlice
 from .oracle import oracle_table, tolerance
 from .report import CaseResult
 from .sharding import ShardPlan
 from .spec import AXIS_NAMES, RopeSpec
 from .tables import unravel
+
+APPLY_TOL = 1e-6  # float32 rotation of identical inputs: equal up to rounding of the same ops
+ATTENTION_TOL = 1e-5  # float32 attention, relative and absolute (different reduction orders)
 
 _MIX = 0x9E3779B97F4A7C15 - 2**64  # golden-ratio odd constant, as a signed int64
 
@@ -41,6 +54,42 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+DIGEST_COLUMNS = 4099  # a prime: no row width of a table lines its rows up with the columns
+SMALL_DIGEST_BYTES = 64 * 1024
+
+
+def content_digest(*tensors: torch.Tensor) -> tuple[object, ...]:
+    """A content digest per tensor: dtype, shape, and a fingerprint of the raw bytes.
+
+    Used to see whether a table changed (across steps, after return, between ranks): a 128-bit
+    BLAKE2b of the bytes up to 64 KiB; larger, of the wrapping sums of the raw machine words in
+    each of 4099 interleaved columns (word i in column i mod 4099) — one reduction pass, several
+    times cheaper than hashing every byte, and any change that leaves one changed word in some
+    column is seen (README: "Digests")."""
+    parts: list[object] = []
+    for t in tensors:
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        nbytes = flat.numel() * flat.element_size()
+        fingerprint = hashlib.blake2b(digest_size=16)
+        if nbytes <= SMALL_DIGEST_BYTES:
+            fingerprint.update(ctypes.string_at(flat.data_ptr(), nbytes) if nbytes else b"")
+        else:
+            words = flat.view(torch.uint8).view(torch.int64 if nbytes % 8 == 0 else torch.int32)
+            whole = words.numel() - words.numel() % DIGEST_COLUMNS
+            columns = words[:whole].view(-1, DIGEST_COLUMNS).sum(0, dtype=torch.int64)
+            tail = words[whole:].to(torch.int64)
+            for part in (columns, tail):
+                fingerprint.update(ctypes.string_at(part.data_ptr(), part.numel() * 8) if part.numel() else b"")
+        parts.append((str(t.dtype), tuple(t.shape), fingerprint.hexdigest()))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_tokens(plan: ShardPlan, grid: tuple[int, ...], sp_rank: int, sp_size: int) -> torch.Tensor:
+    """The plan's tokens of one rank, computed once (read-only: callers never write into it)."""
+    return plan.indices(grid, sp_rank, sp_size)
+
+
 def key_digest(key: object) -> str:
     return hashlib.blake2b(repr(key).encode(), digest_size=8).hexdigest()
 
@@ -48,71 +97,6 @@ def key_digest(key: object) -> str:
 def token_name(index: int, grid: tuple[int, ...]) -> str:
     coords = [int(c) for c in unravel(torch.tensor([index]), grid)]
     return "(" + ", ".join(f"{AXIS_NAMES[a]}={c}" for a, c in enumerate(coords)) + ")"
-
-
-@dataclass
-class RankPayload:
-    """What one rank sends its group leader for one case: its first-step slice, on the CPU."""
-
-    rank: int
-    indices: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    extras: dict = field(default_factory=dict)  # upper-level outputs: "apply", "attention"
-
-
-def compare_slices(
-    case: CaseResult, spec: RopeSpec, plan: ShardPlan, payloads: list[RankPayload], reference: RopeSlice
-) -> None:
-    """Each rank's rows must equal the unsharded table at the tokens the rank claims (its riding
-    indices), and the claimed tokens of the group must partition the grid. Whether those are the
-    tokens the plan gives the rank's hidden states is the apply level's question."""
-    grid, n = spec.grid, spec.num_tokens
-    ref_cos, ref_sin = reference.cos.cpu(), reference.sin.cpu()
-    seen = torch.zeros(n, dtype=torch.int64)
-    for p in payloads:
-        claimed = p.indices.to(torch.int64).cpu()
-        if (
-            p.cos.shape != (len(claimed), ref_cos.shape[1])
-            or p.cos.dtype != ref_cos.dtype
-            or p.sin.shape != p.cos.shape
-        ):
-            case.fail(
-                "slice-mismatch",
-                f"rank {p.rank} ({plan}) returned cos {tuple(p.cos.shape)} {p.cos.dtype} for {len(claimed)} tokens, "
-                f"expected {(len(claimed), ref_cos.shape[1])} {ref_cos.dtype}",
-            )
-            continue
-        if claimed.numel() and (int(claimed.max()) >= n or int(claimed.min()) < -1):
-            case.fail("slice-mismatch", f"rank {p.rank} ({plan}) claims token indices outside [-1, {n})")
-            continue
-        real = claimed >= 0
-        tokens = claimed[real]
-        seen.index_add_(0, tokens, torch.ones_like(tokens))
-        for name, got, ref in (("cos", p.cos, ref_cos), ("sin", p.sin, ref_sin)):
-            got_real, want = got[real], ref[tokens]
-            bad = (got_real != want).any(dim=1)
-            if bool(bad.any()):
-                row = int(bad.nonzero()[0])
-                err = float((got_real.double() - want.double()).abs().max())
-                case.max_abs_error = max(case.max_abs_error, err)
-                case.fail(
-                    "slice-mismatch",
-                    f"rank {p.rank} ({plan}, P={case.sp_size}) {name} differs from the unsharded table at "
-                    f"token {token_name(int(tokens[row]), grid)} (local row {int(real.nonzero()[row])}), "
-                    f"max abs error {err:.3g}",
-                )
-            pad_rows = got[~real]
-            identity = 1.0 if name == "cos" else 0.0
-            if pad_rows.numel() and not bool((pad_rows == identity).all()):
-                case.fail("slice-mismatch", f"rank {p.rank} ({plan}) padding rows of {name} are not {identity}")
-    if case.status != "failed" and (bool((seen == 0).any()) or bool((seen > 1).any())):
-        token = int(((seen == 0) | (seen > 1)).nonzero()[0])
-        case.fail(
-            "slice-mismatch",
-            f"ranks' tokens ({plan}, P={case.sp_size}) do not partition the grid: token {token_name(token, grid)} "
-            f"held {int(seen[token])} times",
-        )
 
 
 def compare_oracle(case: CaseResult, spec: RopeSpec, reference: RopeSlice) -> None:
@@ -147,7 +131,7 @@ class KeyRecord:
     table: str  # digest of the returned table
     rank: int
     sp_size: int
-    group: int  # index of the SP group of this size (global rank // sp_size)
+    group: str  # the SP group: layout kind and index ("consecutive0", "strided1", "offset0")
     case: int
 
 
@@ -159,7 +143,7 @@ def find_key_collisions(records: list[KeyRecord]) -> list[tuple[set[int], str]]:
     found: list[tuple[set[int], str]] = []
     for recs in by_key.values():
         text = recs[0].key_text
-        groups: dict[tuple[int, int], set[int]] = defaultdict(set)
+        groups: dict[tuple[int, str], set[int]] = defaultdict(set)
         for rec in recs:
             if rec.sp_size > 1:
                 groups[(rec.sp_size, rec.group)].add(rec.rank)
@@ -180,3 +164,242 @@ def find_key_collisions(records: list[KeyRecord]) -> list[tuple[set[int], str]]:
                 )
             )
     return found
+
+
+def judge_reference(case: CaseResult, spec: RopeSpec, reference: RopeSlice) -> bool:
+    """The unsharded table must have the spec's shape and dtype: nothing else can be compared
+    against one that has not. Returns whether it has."""
+    want = ((spec.num_tokens, spec.width), spec.torch_dtype)
+    got = (tuple(reference.cos.shape), reference.cos.dtype)
+    if got == want and reference.sin.shape == reference.cos.shape and reference.sin.dtype == reference.cos.dtype:
+        return True
+    case.fail(
+        "oracle-mismatch",
+        f"the unsharded table is {list(reference.cos.shape)} {reference.cos.dtype}, "
+        f"the spec needs {list(want[0])} {want[1]}",
+    )
+    return False
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    """One rank's first-call slice for a case, with where the rank sits."""
+
+    rank: int
+    sp_rank: int
+    plan: ShardPlan
+    table: RopeSlice
+
+
+def judge_slice(case: CaseResult, spec: RopeSpec, got: RankSlice, reference: RopeSlice) -> torch.Tensor | None:
+    """Judge one rank's slice where it was built. Returns the claimed tokens when they are not the
+    plan's (rank 0 then checks the group's claims still partition the grid), else None."""
+    sl, plan, where = got.table, got.plan, f"rank {got.rank} ({got.plan}, P={case.sp_size})"
+    if (
+        sl.indices.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        or sl.indices.dtype == torch.bool
+    ):
+        case.fail("slice-mismatch", f"{where} returned token indices of dtype {sl.indices.dtype}, not integers")
+        return None
+    claimed = sl.indices.to("cpu", torch.int64).reshape(-1)
+    ref_cos, ref_sin = reference.cos.cpu(), reference.sin.cpu()
+    cos, sin = sl.cos.detach().cpu(), sl.sin.detach().cpu()
+    want_shape = (len(claimed), ref_cos.shape[1])
+    if cos.shape != want_shape or sin.shape != want_shape or cos.dtype != ref_cos.dtype or sin.dtype != ref_cos.dtype:
+        case.fail(
+            "slice-mismatch",
+            f"{where} returned cos {tuple(cos.shape)} {cos.dtype} for {len(claimed)} tokens, "
+            f"expected {want_shape} {ref_cos.dtype}",
+        )
+        return None
+    n = spec.num_tokens
+    if claimed.numel() and (int(claimed.max()) >= n or int(claimed.min()) < -1):
+        case.fail("slice-mismatch", f"{where} claims token indices outside [-1, {n})")
+        return None
+    own = plan_tokens(plan, spec.grid, got.sp_rank, case.sp_size)
+    off_plan = None
+    if claimed.shape != own.shape or not bool((claimed == own).all()):
+        at = _first_difference(claimed, own)
+        case.fail(
+            "plan-mismatch",
+            f"{where} claims {len(claimed)} tokens, the plan gives it {len(own)}; first difference at local row {at}: "
+            f"claimed {_token_or_pad(claimed, at, spec.grid)}, plan {_token_or_pad(own, at, spec.grid)}",
+        )
+        off_plan = claimed
+    real = claimed >= 0
+    padded = not bool(real.all())
+    tokens = claimed[real] if padded else claimed
+    block = _contiguous_block(tokens)
+    for name, table, ref in (("cos", cos, ref_cos), ("sin", sin, ref_sin)):
+        got_real = table[real] if padded else table
+        # Rows of one block (contiguous and flat splits) are a view of the table: no gathered copy.
+        want = ref[block] if block is not None else ref.index_select(0, tokens)
+        if torch.equal(got_real, want):  # the common case, in one pass; a NaN never equals: searched below
+            if padded:
+                _check_padding(case, where, name, table[~real])
+            continue
+        bad = (got_real != want).any(dim=1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            err = float((got_real.double() - want.double()).abs().max())
+            case.max_abs_error = max(case.max_abs_error, err)
+            case.fail(
+                "slice-mismatch",
+                f"{where} {name} differs from the unsharded table at token {token_name(int(tokens[row]), spec.grid)} "
+                f"(local row {int(real.nonzero()[row])}), max abs error {err:.3g}",
+            )
+        _check_padding(case, where, name, table[~real])
+    return off_plan
+
+
+def _contiguous_block(tokens: torch.Tensor) -> slice | None:
+    if len(tokens) and int(tokens[-1]) - int(tokens[0]) == len(tokens) - 1 and bool((tokens.diff() == 1).all()):
+        return slice(int(tokens[0]), int(tokens[-1]) + 1)
+    return None
+
+
+def _check_padding(case: CaseResult, where: str, name: str, pad_rows: torch.Tensor) -> None:
+    identity = 1.0 if name == "cos" else 0.0
+    if pad_rows.numel() and not bool((pad_rows == identity).all()):
+        case.fail("slice-mismatch", f"{where} padding rows of {name} are not {identity}")
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
+    common = min(len(a), len(b))
+    diff = (a[:common] != b[:common]).nonzero()
+    return int(diff[0]) if len(diff) else common
+
+
+def _token_or_pad(indices: torch.Tensor, row: int, grid: tuple[int, ...]) -> str:
+    if row >= len(indices):
+        return "nothing"
+    return "padding" if int(indices[row]) < 0 else token_name(int(indices[row]), grid)
+
+
+def check_partition(case: CaseResult, claims: list[torch.Tensor], num_tokens: int, grid: tuple[int, ...]) -> None:
+    """The tokens claimed by one SP group must partition the grid (rank 0, when some rank's
+    claims were not the plan's; the plans themselves partition, as tests/test_sharding proves)."""
+    seen = torch.zeros(num_tokens, dtype=torch.int64)
+    for claimed in claims:
+        tokens = claimed[claimed >= 0]
+        seen.index_add_(0, tokens, torch.ones_like(tokens))
+    wrong = (seen != 1).nonzero()
+    if len(wrong):
+        token = int(wrong[0])
+        case.fail(
+            "slice-mismatch",
+            f"ranks' tokens ({case.scheme}, P={case.sp_size}) do not partition the grid: token "
+            f"{token_name(token, grid)} held {int(seen[token])} times",
+        )
+
+
+class Retention:
+    """Every tensor an implementation handed out, with the digest it had then.
+
+    A table handed to a model must stay what it was: a static output buffer rewritten by the
+    next call (CUDA-graph style) or a reused workspace changes tables already in use. Checked
+    whenever the same tensor comes back, and for every tensor still alive at the end of the run.
+    Only weak references are kept, so nothing is held alive that the implementation dropped."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[weakref.ref, tuple[object, ...], int, str]] = {}
+
+    def handed_out(
+        self, tensor: torch.Tensor, digest: tuple[object, ...], case: int, what: str
+    ) -> tuple[int, str] | None:
+        """Record a returned tensor; (earlier case, message) when this very tensor was handed out
+        before with other contents."""
+        held = self._seen.get(id(tensor))
+        if held is not None and held[0]() is tensor:
+            if held[1] != digest:
+                self._seen[id(tensor)] = (held[0], digest, case, what)  # report each rewrite once
+                return held[2], self._message(held, "by a later call")
+            return None
+        self._seen[id(tensor)] = (weakref.ref(tensor), digest, case, what)
+        return None
+
+    def recheck(self) -> list[tuple[int, str]]:
+        """(case, message) for every live tensor whose contents changed since it was handed out."""
+        found = []
+        for held in self._seen.values():
+            tensor = held[0]()
+            if tensor is not None and content_digest(tensor) != held[1]:
+                found.append((held[2], self._message(held, "by the end of the run")))
+        return found
+
+    @staticmethod
+    def _message(held: tuple[weakref.ref, tuple[object, ...], int, str], when: str) -> str:
+        return f"the {held[3]} handed out for this case was overwritten {when} (a reused buffer or workspace)"
+
+
+class LevelReference:
+    """Single-rank results for one spec, computed once and shared by all its families: q and k
+    rotated with the unsharded table, and attention over the whole sequence."""
+
+    def __init__(self, hidden: tuple[torch.Tensor, torch.Tensor, torch.Tensor], reference: RopeSlice, layout: str):
+        self.hidden, self.reference, self.layout = hidden, reference, layout
+
+    @functools.cached_property
+    def rotated_q0(self) -> torch.Tensor:
+        """q's first head rotated: the rotation is the same for every head, so the apply level
+        judges one (attention uses them all)."""
+        return apply_rope(self.hidden[0][:, :, :1], self.reference.cos.cpu(), self.reference.sin.cpu(), self.layout)
+
+    @functools.cached_property
+    def rotated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.reference.cos.cpu(), self.reference.sin.cpu()
+        q, k, _ = self.hidden
+        return apply_rope(q, cos, sin, self.layout), apply_rope(k, cos, sin, self.layout)
+
+    @functools.cached_property
+    def attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (q, k), v = self.rotated, self.hidden[2]
+        positions = torch.arange(q.shape[1])
+        return masked_attention(q, k, v, positions, False), masked_attention(q, k, v, positions, True)
+
+
+def judge_apply(
+    case: CaseResult, where: str, ref: LevelReference, rotated_q: torch.Tensor, own: torch.Tensor, grid: tuple[int, ...]
+) -> None:
+    real = own >= 0
+    what = _Comparison("apply-mismatch", f"{where} rotated q", APPLY_TOL)
+    _compare(case, what, rotated_q[:, real], ref.rotated_q0[:, own[real]], own[real], grid)
+
+
+def judge_attention(
+    case: CaseResult,
+    where: str,
+    ref: LevelReference,
+    outputs: tuple[torch.Tensor, torch.Tensor],
+    own: torch.Tensor,
+    grid: tuple[int, ...],
+) -> None:
+    real = own >= 0
+    for kind, got, want in zip(("non-causal", "causal"), outputs, ref.attention):
+        what = _Comparison("attention-mismatch", f"{where} {kind} Ulysses attention", ATTENTION_TOL)
+        _compare(case, what, got[:, real], want[:, own[real]], own[real], grid)
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    """What an upper-level comparison is called, and its relative tolerance."""
+
+    diagnosis: str
+    what: str
+    tol: float
+
+
+def _compare(
+    case: CaseResult, c: _Comparison, got: torch.Tensor, want: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, ...]
+) -> None:
+    err = (got.double() - want.double()).abs()
+    bad = (err > c.tol * (1 + want.double().abs())).flatten(2).any(dim=(0, 2))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        worst = float(err.max())
+        case.max_abs_error = max(case.max_abs_error, worst)
+        case.fail(
+            c.diagnosis,
+            f"{c.what} differs from the single-rank result at token {token_name(int(tokens[row]), grid)}, "
+            f"max abs error {worst:.3g} (tolerance {c.tol:g} relative)",
+        )

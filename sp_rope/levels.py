@@ -14,11 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .apply import apply_rope, masked_attention, ulysses_attention
+from .apply import apply_rope, ulysses_attention
 from .cache import RopeSlice
-from .report import CaseResult
-from .sharding import ShardPlan
-from .verify import token_name
 
 LEVELS = {
     "table": ("table",),
@@ -27,8 +24,7 @@ LEVELS = {
     "all": ("table", "apply", "attention"),
 }
 MAX_TOKENS = 65_536  # hidden states of the full sequence live on every rank; bound their memory
-APPLY_TOL = 1e-6  # float32 rotation of identical inputs: equal up to rounding of the same ops
-ATTENTION_TOL = 1e-5  # float32 attention, relative and absolute (different reduction orders)
+MAX_ATTENTION_TOKENS = 8192  # the reference attention's [N, N] mask and scores stay small
 SEED = 20261127
 
 
@@ -36,7 +32,8 @@ SEED = 20261127
 class HiddenStates:
     """Seeded q, k, v ``[1, N, H, D]`` float32 for the whole sequence, identical on every rank.
 
-    H is the world size: the fewest heads every SP group size divides (Ulysses shards heads).
+    H is divisible by every SP size of the run (Ulysses shards heads), or 1 where no attention
+    runs (grids over ``MAX_ATTENTION_TOKENS``: only the rotation is checked there).
     """
 
     q: torch.Tensor
@@ -61,17 +58,12 @@ def shard_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def rotate_local(
-    hs: HiddenStates, sl: RopeSlice, plan_indices: torch.Tensor, layout: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rank's q/k (its plan tokens) rotated with the rank's table rows."""
+def rotate_rows(rows: torch.Tensor, sl: RopeSlice, layout: str) -> torch.Tensor:
+    """The rank's rows ``[1, n, H, D]`` (its plan tokens) rotated with the rank's table rows."""
     cos, sin = sl.cos.cpu(), sl.sin.cpu()
-    if cos.shape[0] != len(plan_indices):
-        raise _RowCountMismatch(f"table has {cos.shape[0]} rows, the rank holds {len(plan_indices)} tokens")
-    return (
-        apply_rope(shard_rows(hs.q, plan_indices), cos, sin, layout),
-        apply_rope(shard_rows(hs.k, plan_indices), cos, sin, layout),
-    )
+    if cos.shape[0] != rows.shape[1]:
+        raise _RowCountMismatch(f"table has {cos.shape[0]} rows, the rank holds {rows.shape[1]} tokens")
+    return apply_rope(rows, cos, sin, layout)
 
 
 class _RowCountMismatch(ValueError):
@@ -90,10 +82,14 @@ class AttentionInput:
 
 
 def attention_input(
-    hs: HiddenStates, rq: torch.Tensor, rk: torch.Tensor, plan: ShardPlan, grid: tuple[int, ...],
-    sp_rank: int, sp_size: int, device: str,
+    hs: HiddenStates,
+    rotated: tuple[torch.Tensor, torch.Tensor],
+    per_rank: list[torch.Tensor],
+    sp_rank: int,
+    device: str,
 ) -> AttentionInput:
-    per_rank = [plan.indices(grid, r, sp_size) for r in range(sp_size)]
+    """The rank's rotated q/k (and its v) padded to the group's longest shard; ``per_rank`` holds
+    the plan's tokens of every rank of the group, in SP-rank order."""
     length = max(len(i) for i in per_rank)
     positions = torch.cat([torch.cat([i, i.new_full((length - len(i),), -1)]) for i in per_rank])
     own = len(per_rank[sp_rank])
@@ -101,6 +97,7 @@ def attention_input(
     def pad(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.new_zeros(1, length - own, *x.shape[2:])], dim=1).to(device)
 
+    rq, rk = rotated
     return AttentionInput(pad(rq), pad(rk), pad(shard_rows(hs.v, per_rank[sp_rank])), positions.to(device), own)
 
 
@@ -109,94 +106,3 @@ def attention_local(inputs: list[AttentionInput], group: object) -> list[tuple[t
     returns the rank's own output rows, on the CPU. Every rank of the group passes the same list."""
     outs = ulysses_attention([(a.q, a.k, a.v, a.positions) for a in inputs], group)
     return [(plain[:, : a.own].cpu(), causal[:, : a.own].cpu()) for a, (plain, causal) in zip(inputs, outs)]
-
-
-@dataclass
-class LevelReference:
-    """Single-rank results for one spec: rotated q/k of the whole sequence, and attention."""
-
-    rq: torch.Tensor
-    rk: torch.Tensor
-    attention: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def reference_for(hs: HiddenStates, reference: RopeSlice, layout: str, with_attention: bool) -> LevelReference:
-    rq = apply_rope(hs.q, reference.cos.cpu(), reference.sin.cpu(), layout)
-    rk = apply_rope(hs.k, reference.cos.cpu(), reference.sin.cpu(), layout)
-    ref = LevelReference(rq, rk)
-    if with_attention:
-        positions = torch.arange(rq.shape[1])
-        ref.attention = (
-            masked_attention(rq, rk, hs.v, positions, False),
-            masked_attention(rq, rk, hs.v, positions, True),
-        )
-    return ref
-
-
-def verify_apply(
-    case: CaseResult,
-    ref: LevelReference,
-    rank: int,
-    plan: ShardPlan,
-    plan_indices: torch.Tensor,
-    rotated_q: torch.Tensor,
-    grid: tuple[int, ...],
-) -> None:
-    real = plan_indices >= 0
-    _compare(
-        case,
-        "apply-mismatch",
-        f"rank {rank} ({plan}, P={case.sp_size}) rotated q",
-        rotated_q[:, real],
-        ref.rq[:, plan_indices[real]],
-        plan_indices[real],
-        grid,
-        APPLY_TOL,
-    )
-
-
-def verify_attention(
-    case: CaseResult,
-    ref: LevelReference,
-    rank: int,
-    plan: ShardPlan,
-    plan_indices: torch.Tensor,
-    outputs: tuple[torch.Tensor, torch.Tensor],
-    grid: tuple[int, ...],
-) -> None:
-    assert ref.attention is not None
-    real = plan_indices >= 0
-    for kind, got, full in zip(("non-causal", "causal"), outputs, ref.attention):
-        _compare(
-            case,
-            "attention-mismatch",
-            f"rank {rank} ({plan}, P={case.sp_size}) {kind} Ulysses attention",
-            got[:, real],
-            full[:, plan_indices[real]],
-            plan_indices[real],
-            grid,
-            ATTENTION_TOL,
-        )
-
-
-def _compare(
-    case: CaseResult,
-    diagnosis: str,
-    what: str,
-    got: torch.Tensor,
-    want: torch.Tensor,
-    tokens: torch.Tensor,
-    grid: tuple[int, ...],
-    tol: float,
-) -> None:
-    err = (got.double() - want.double()).abs()
-    bad = (err > tol * (1 + want.double().abs())).flatten(2).any(dim=(0, 2))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0])
-        worst = float(err.max())
-        case.max_abs_error = max(case.max_abs_error, worst)
-        case.fail(
-            diagnosis,
-            f"{what} differs from the single-rank result at token {token_name(int(tokens[row]), grid)}, "
-            f"max abs error {worst:.3g} (tolerance {tol:g} relative)",
-        )

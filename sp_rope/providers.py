@@ -42,7 +42,9 @@ class Provider:
     def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
         raise NotImplementedError
 
-    def full(self, spec: RopeSpec, device: str) -> RopeSlice:
+    def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
+        """The unsharded table, asked for by a rank that sits at ``within = (sp_rank, sp_size)``
+        of a real SP group (an implementation must not shard it anyway)."""
         return self.get(spec, UNSHARDED, 0, 1, device)
 
     def cache_keys(self) -> list[Hashable] | None:
@@ -65,7 +67,7 @@ class SpRopeProvider(Provider):
     def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
         return self.cache.get(spec, plan, sp_rank, sp_size, device)
 
-    def full(self, spec: RopeSpec, device: str) -> RopeSlice:
+    def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
         # The whole-grid builder (broadcast copies), a different path from the sliced one.
         cos, sin = build_table(spec)
         return RopeSlice(cos.to(device), sin.to(device), torch.arange(spec.num_tokens, device=device))

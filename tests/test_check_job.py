@@ -22,7 +22,7 @@ def test_default_self_launch_passes_with_reports(tmp_path):
     assert result.out.strip().splitlines()[-1] == f"{summary['passed']} passed, 0 failed, {summary['skipped']} skipped"
     # Every scheme ran somewhere in the default matrix (skips are reported, never counted as passed).
     cases = json.loads(report.read_text())["cases"]
-    assert {c["scheme"] for c in cases if c["status"] == "passed"} == ALL_SCHEMES
+    assert {c["scheme"] for c in cases if c["status"] == "passed" and c["config"] != "probe"} == ALL_SCHEMES
     assert all(c["details"] for c in cases if c["status"] == "skipped")
     suite = ET.parse(junit).getroot()
     assert int(suite.get("tests")) == len(cases) and int(suite.get("failures")) == 0
@@ -83,16 +83,15 @@ def test_in_place_mutation_of_a_cached_table_is_caught():
     assert "mutated-in-place" in result.out
 
 
-def test_rank_that_raises_ends_job_quickly_naming_it():
+def test_an_implementation_that_raises_on_one_rank_is_a_verdict_naming_it(tmp_path):
+    # The implementation failed, the check did not: its cases fail (exit 1), the job goes on.
     marker = uuid.uuid4().hex
-    start = time.monotonic()
-    result = check(
-        "--nproc", "4", "--report", f"/tmp/{marker}.json", "--impl", f"{FIXTURES}/faulty.py:raise_on_rank2", *SMALL
-    )
-    assert result.code == 3, result
-    assert time.monotonic() - start < 10 + 5, result  # 10 s for the job, slack for interpreter start
-    assert "rank 2 failed in phase 'build P=2" in result.err and "injected failure on rank 2" in result.err
-    assert "Traceback" in result.err  # the failing rank's traceback is surfaced
+    report = tmp_path / f"{marker}.json"
+    result = check("--nproc", "4", "--report", str(report), "--impl", f"{FIXTURES}/faulty.py:raise_on_rank2", *SMALL)
+    assert result.code == 1, result
+    raised = r"implementation-error: rank 2 \(first call\): RuntimeError: injected failure on rank 2"
+    assert re.search(raised, result.out), result
+    assert json.loads(report.read_text())["summary"]["diagnoses"] == ["implementation-error"]
     assert processes_with(marker) == []
 
 
@@ -111,9 +110,9 @@ def test_rank_that_hangs_ends_job_after_timeout_naming_it():
         timeout=60,
     )
     assert result.code == 3, result
-    assert result.seconds < 5 + 15, result
+    assert result.seconds < 5 + 45, result  # healthy ranks finish their share up to the next collective first
     # Rank 2 is named; on a loaded machine a slow healthy rank may be named beside it.
-    assert re.search(r"rank\(s\) (\d+, )*2(, \d+)* did not reach phase 'gather P=2'", result.err), result
+    assert re.search(r"rank\(s\) (\d+, )*2(, \d+)* did not reach phase '[^']+'", result.err), result
     time.sleep(0.5)  # the agent has already reaped its workers; give /proc a moment
     assert processes_with(marker) == []
 

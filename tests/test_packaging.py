@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
 
 from helpers import REPO, run
 
@@ -20,9 +19,24 @@ WITHOUT_NUMPY = REPO / "tests" / "assets" / "without_numpy"
 def test_check_runs_without_numpy_from_another_directory(tmp_path):
     # A stub numpy that fails to import stands in for a venv holding only torch and sp_rope.
     result = run(
-        [sys.executable, "-m", "sp_rope.check", "--nproc", "2", "--quiet", "--config", "quick",
-         "--schemes", "contiguous:t,zigzag", "--dtypes", "float64", "--layouts", "interleaved",
-         "--start-frames", "0,17"],
+        [
+            sys.executable,
+            "-m",
+            "sp_rope.check",
+            "--nproc",
+            "2",
+            "--quiet",
+            "--config",
+            "quick",
+            "--schemes",
+            "contiguous:t,zigzag",
+            "--dtypes",
+            "float64",
+            "--layouts",
+            "interleaved",
+            "--start-frames",
+            "0,17",
+        ],
         env={"PYTHONPATH": str(WITHOUT_NUMPY)},
         cwd=tmp_path,
     )
@@ -38,9 +52,7 @@ def test_the_numpy_stub_really_blocks_numpy(tmp_path):
 
 def test_wheel_packages_every_package_and_the_presets():
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = {
-        ".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "sp_rope").rglob("__init__.py")
-    }
+    on_disk = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "sp_rope").rglob("__init__.py")}
     listed = set(setuptools["packages"])
     assert on_disk <= listed, f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
     assert setuptools["package-dir"]["sp_rope.configs"] == "configs"
@@ -49,15 +61,17 @@ def test_wheel_packages_every_package_and_the_presets():
 
 
 def test_nothing_reads_outside_the_repository():
-    pattern = re.compile(r"\.\./shared|parents\[2\]|[\"']shared[\"']\s*/")
-    offenders = [
-        f"{path.relative_to(REPO)}:{n}"
-        for path in [*REPO.glob("sp_rope/**/*.py"), *REPO.glob("tests/**/*.py"), *REPO.glob("benchmarks/*"),
-                     REPO / ".ci" / "run", *REPO.glob("launch/*")]
-        if path.is_file()
-        for n, line in enumerate(path.read_text().splitlines(), 1)
-        if pattern.search(line) and path.name != "test_packaging.py"
-    ]
+    shared = re.compile(r"\.\./shared|[\"']shared[\"']\s*/")
+    offenders = []
+    for path in [*REPO.glob("sp_rope/**/*.py"), *REPO.glob("tests/**/*.py"), *REPO.glob("examples/**/*.py"),
+                 *REPO.glob("benchmarks/*"), REPO / ".ci" / "run", *REPO.glob("launch/*")]:
+        if not path.is_file() or path.name == "test_packaging.py":
+            continue
+        depth = len(path.relative_to(REPO).parts) - 1  # Path(__file__).parents[depth] is the repo root
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            above = [int(k) for k in re.findall(r"parents\[(\d+)\]", line)]
+            if shared.search(line) or any(k > depth for k in above):
+                offenders.append(f"{path.relative_to(REPO)}:{n}")
     assert not offenders, offenders
 
 

@@ -1,0 +1,232 @@
+"""What one run checks, expanded: SP layouts, case families (one causal sweep each) and cases.
+
+Stage 0 of the pipeline. Everything here is a pure function of the settings, the seed and the
+world size, so every rank expands the same matrix without talking to the others.
+
+The default matrix is built to leave no plausible bug standing, not to look tidy:
+
+- **SP layouts**: for every divisor P > 1 of the world size, consecutive groups; for every
+  P < world, strided groups as well (``{0, 2}, {1, 3}``: an SP rank that is not the global rank
+  mod P); and one group of ``world - 1`` ranks on ranks 1.. with rank 0 sitting out (an SP size
+  that is not a power of two, a group that does not start at rank 0).
+- **Breadth geometries** (default run only): fixed ones with unequal dims, theta != 1e4, factors
+  != 1 on every axis (t included) spelled as scalars and as lists, T = 1, two head dims, plain
+  ones a restricted convention can express; plus seeded random geometries.
+- **Call patterns**: calls per (family, start_frame) vary with the seed; the second pass revisits
+  start_frames in a seeded order; one deep sweep of 40 start_frames on a tiny grid evicts a
+  32-entry cache and then re-enters it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from dataclasses import dataclass, field
+
+from .config import GeometryConfig, Matrix
+from .report import CaseResult
+from .sharding import ShardPlan, parse_plan
+from .spec import RopeSpec
+
+DEEP_SWEEP_FRAMES = 40  # deeper than a 32-entry cache, so re-entry meets evicted entries
+
+
+@dataclass(frozen=True)
+class SpLayout:
+    """How the world's ranks form SP groups of one size (ranks in no group sit the family out)."""
+
+    kind: str  # "consecutive", "strided" or "offset"
+    size: int
+    groups: tuple[tuple[int, ...], ...]
+
+    def group_of(self, rank: int) -> tuple[int, tuple[int, ...]] | None:
+        """(group index, the group's global ranks in SP-rank order), or None when ``rank`` sits out."""
+        for index, ranks in enumerate(self.groups):
+            if rank in ranks:
+                return index, ranks
+        return None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "consecutive":
+            return ""
+        if self.kind == "strided":
+            return "strided"
+        idle = sorted(set(range(max(max(g) for g in self.groups) + 1)) - {r for g in self.groups for r in g})
+        return "ranks " + ",".join(str(r) for r in self.groups[0]) + (f"; rank {idle[0]} idle" if idle else "")
+
+
+def sp_layouts(world_size: int) -> tuple[SpLayout, ...]:
+    """Every SP layout of a world: consecutive and strided groups per divisor, plus an offset group."""
+    if world_size == 1:
+        return (SpLayout("consecutive", 1, ((0,),)),)
+    layouts = []
+    for size in divisors(world_size):
+        if size == 1:
+            continue
+        count = world_size // size
+        layouts.append(
+            SpLayout("consecutive", size, tuple(tuple(range(g * size, (g + 1) * size)) for g in range(count)))
+        )
+        if count > 1:  # rank r of group g is global rank g + r * count
+            layouts.append(SpLayout("strided", size, tuple(tuple(range(g, world_size, count)) for g in range(count))))
+    if world_size >= 3 and world_size % (world_size - 1):
+        layouts.append(SpLayout("offset", world_size - 1, (tuple(range(1, world_size)),)))
+    return tuple(layouts)
+
+
+def divisors(n: int) -> list[int]:
+    """Divisors of n in increasing order, in O(sqrt(n))."""
+    small, large = [], []
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+    return small + large[::-1]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Cases that share everything but start_frame: one causal sweep through one SP layout."""
+
+    config: GeometryConfig
+    scheme: str
+    dtype: str
+    layout: str
+    sp: SpLayout
+    start_frames: tuple[int, ...]
+    calls: tuple[int, ...]  # calls (denoising steps) per start_frame in the first pass
+    reentry: tuple[int, ...]  # start_frames of the second pass, in order
+
+    @functools.cached_property
+    def plan(self) -> ShardPlan:
+        return parse_plan(self.scheme)
+
+    def spec(self, start_frame: int) -> RopeSpec:
+        return self.config.spec(self.dtype, self.layout, start_frame)
+
+
+@dataclass
+class Case:
+    """One (family, start_frame): the record that flows from build to judge to report."""
+
+    index: int
+    family: Family
+    start_frame: int
+    spec: RopeSpec = field(repr=False)
+    result: CaseResult = field(repr=False)
+
+
+def sweep_order(start_frames: tuple[int, ...]) -> tuple[int, ...]:
+    """Ends first, moving inward (0, 4096, 1, 17 ...): entries evicted in the first pass are
+    re-entered while others are still cached."""
+    order, lo, hi = [], 0, len(start_frames) - 1
+    while lo <= hi:
+        order.append(start_frames[lo])
+        if hi != lo:
+            order.append(start_frames[hi])
+        lo, hi = lo + 1, hi - 1
+    return tuple(order)
+
+
+def families(matrix: Matrix, world_size: int, seed: int, breadth: bool) -> list[Family]:
+    """The run's families, grouped by geometry, then dtype and layout (one sweep group each).
+
+    The matrix's configs run every scheme x dtype x layout on consecutive groups; the other SP
+    layouts (an SP-rank bug does not depend on dtype or layout) run each scheme once, rotating
+    through the dtype x layout combinations. With ``breadth`` the adversarial geometries follow,
+    each with a seeded sample of schemes, combinations, start_frames and call counts."""
+    rng = random.Random(seed)
+    layouts = sp_layouts(world_size)
+    combos = [(dtype, layout) for dtype in matrix.dtypes for layout in matrix.layouts]
+    out: list[Family] = []
+    for config in matrix.configs:
+        frames = tuple(dict.fromkeys((*matrix.start_frames, *config.start_frames)))
+        calls, reentry = tuple(matrix.steps for _ in frames), sweep_order(frames)
+        for dtype, layout in combos:
+            for sp in layouts:
+                for i, scheme in enumerate(matrix.schemes):
+                    if sp.kind == "consecutive" or combos[i % len(combos)] == (dtype, layout):
+                        out.append(Family(config, scheme, dtype, layout, sp, frames, calls, reentry))
+    if breadth:
+        for config in breadth_configs(rng):
+            out.extend(_seeded_families(config, matrix, layouts, rng))
+        out.append(deep_sweep(layouts[0], matrix))
+    return out
+
+
+def _seeded_families(
+    config: GeometryConfig, matrix: Matrix, layouts: tuple[SpLayout, ...], rng: random.Random
+) -> list[Family]:
+    """One breadth geometry: a contiguous split of its long axis and a flat split (what the
+    restricted conventions express), one more scheme drawn; float32 interleaved (the same) and
+    two more dtype x layout combinations drawn; start_frame 0 and one other."""
+    long_axis = "thw"[config.grid.index(max(config.grid))]
+    fixed = [s for s in (f"contiguous:{long_axis}", "flat") if s in matrix.schemes]
+    others = [s for s in matrix.schemes if s not in fixed]
+    schemes = fixed + rng.sample(others, min(3 - len(fixed), len(others)))
+    combos = [(dtype, layout) for dtype in matrix.dtypes for layout in matrix.layouts]
+    plain = [c for c in combos if c == ("float32", "interleaved")]
+    drawn = plain + rng.sample([c for c in combos if c not in plain], min(3 - len(plain), len(combos) - len(plain)))
+    frames = tuple(dict.fromkeys((0, rng.choice(matrix.start_frames))))
+    out = []
+    for dtype, layout in sorted(drawn):
+        for sp in layouts:
+            for scheme in schemes:
+                calls = tuple(rng.randint(1, matrix.steps + 1) for _ in frames)
+                reentry = tuple(rng.sample(frames, len(frames)))
+                out.append(Family(config, scheme, dtype, layout, sp, frames, calls, reentry))
+    return out
+
+
+def deep_sweep(sp: SpLayout, matrix: Matrix) -> Family:
+    """40 start_frames on a tiny grid, one call each, then all of them again from the first:
+    a cache of up to 32 entries has evicted the early ones by then."""
+    config = GeometryConfig("deep-sweep", (4, 2, 4), 12, (4, 4, 4), description="evicts a 32-entry cache")
+    frames = tuple(range(DEEP_SWEEP_FRAMES))
+    dtype = "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
+    layout = "interleaved" if "interleaved" in matrix.layouts else matrix.layouts[0]
+    return Family(config, "contiguous:w", dtype, layout, sp, frames, tuple(1 for _ in frames), frames)
+
+
+def breadth_configs(rng: random.Random) -> tuple[GeometryConfig, ...]:
+    """Fixed adversarial geometries, then two drawn from ``rng``. Each has an axis of 12 (or a
+    flattened size divisible by 12), so contiguous and flat schemes split at P = 2, 3 and 4."""
+    fixed = (
+        # T = 1, unequal dims, theta != 1e4, scalar factors != 1 (the t axis included).
+        GeometryConfig("b-t1-scalar", (1, 12, 4), 32, (8, 14, 10), 256.0, 1.5, 0.75),
+        # Per-axis factors, every element different and != 1, another head dim, a large theta.
+        GeometryConfig("b-lists", (12, 2, 3), 48, (20, 16, 12), 5.0e5, (2.0, 0.5, 1.25), (0.5, 2.0, 1.5)),
+        # Plain: the default split, factors 1, theta != 1e4 (what a restricted convention expresses).
+        GeometryConfig("b-plain", (2, 12, 6), 48, (16, 16, 16), 2.0e4),
+        GeometryConfig("b-plain-t1", (1, 4, 12), 36, (12, 12, 12), 1.0e4),
+        GeometryConfig("b-plain-wan", (3, 4, 12), 128, (44, 42, 42), 1.0e4),  # Wan's head dim and split
+    )
+    return fixed + tuple(_random_config(rng, i) for i in range(2))
+
+
+def _random_config(rng: random.Random, index: int) -> GeometryConfig:
+    grid = [rng.choice((1, 2, 3, 4, 5, 6)) for _ in range(3)]
+    grid[rng.randrange(3)] = 12
+    dims = tuple(2 * rng.randint(2, 12) for _ in range(3))
+    theta = float(round(10 ** rng.uniform(2.0, 6.0), 1))
+    rescale: float | tuple[float, ...]
+    interpolation: float | tuple[float, ...]
+    if rng.random() < 0.5:
+        rescale, interpolation = rng.choice((0.5, 1.0, 2.0, 3.0)), rng.choice((0.25, 0.5, 1.0, 1.5))
+    else:
+        rescale = tuple(rng.choice((0.5, 1.0, 1.5, 2.0, 4.0)) for _ in range(3))
+        interpolation = tuple(rng.choice((0.25, 0.5, 1.0, 2.0)) for _ in range(3))
+    return GeometryConfig(f"b-random{index}", tuple(grid), sum(dims), dims, theta, rescale, interpolation)
+
+
+def expand(fams: list[Family]) -> list[Case]:
+    """One case per (family, start_frame), numbered in family order."""
+    cases: list[Case] = []
+    for fam in fams:
+        for sf in fam.start_frames:
+            result = CaseResult(fam.config.name, fam.scheme, fam.sp.size, sf, fam.dtype, fam.layout, group=fam.sp.label)
+            cases.append(Case(len(cases), fam, sf, fam.spec(sf), result))
+    return cases

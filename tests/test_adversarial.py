@@ -1,0 +1,141 @@
+"""Detection power: one test per structural blind spot the default matrix used to have. Each
+runs the default command (no extra options but a fixed seed, the table level and a report)
+against one catalog implementation that carries a bug of that class, or a correct one that
+used to be judged wrongly."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from helpers import REPO, check
+
+from sp_rope.matrix import divisors, sp_layouts
+from sp_rope.mutants import catalog
+
+ENTRIES = {m.name: m for m in catalog()}
+SEED = "11"
+
+
+def _diagnoses(name: str, tmp_path, *extra: str) -> tuple[set[str], dict]:
+    report = tmp_path / "report.json"
+    result = check(
+        "--nproc",
+        "4",
+        "--seed",
+        SEED,
+        "--quiet",
+        "--level",
+        "table",
+        "--report",
+        str(report),
+        *ENTRIES[name].check_args(),
+        *extra,
+        timeout=400,
+    )
+    assert result.code in (0, 1), result
+    data = json.loads(report.read_text())
+    assert data["summary"]["passed"] + data["summary"]["failed"] > 0, result
+    return set(data["summary"]["diagnoses"]), data
+
+
+@pytest.mark.parametrize(
+    ("cause", "name", "diagnosis"),
+    [
+        ("1 key completeness: a factor list collapsed to its first element", "fv_key_rescale_first", "key-incomplete"),
+        ("2 SP rank taken from the global rank (strided groups)", "fv_rank_from_global", "slice-mismatch"),
+        (
+            "3 an LRU of 32 entries that re-enters stale slots (deep sweep)",
+            "native_stale_lru32",
+            "stale-after-eviction",
+        ),
+        ("4 a static output buffer rewritten by later calls", "native_static_output", "overwritten-after-return"),
+        (
+            "5 a scalar rescale factor ignored (factors spelled as scalars)",
+            "nd_scalar_rescale_ignored",
+            "oracle-mismatch",
+        ),
+        ("5 do_sp_sharding=False ignored inside a real SP group", "fv_shards_unasked", "oracle-mismatch"),
+        (
+            "6 another rank's tokens with their correct rows, at the table level",
+            "native_next_rank_tokens",
+            "plan-mismatch",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " not in v else None,
+)
+def test_the_default_matrix_kills_each_class(cause, name, diagnosis, tmp_path):
+    found, _ = _diagnoses(name, tmp_path)
+    assert diagnosis in found, f"cause {cause}: {name} got {sorted(found)}"
+
+
+def test_a_power_of_two_assumption_dies_at_p3(tmp_path):
+    found, data = _diagnoses("nd_pow2_shift", tmp_path)
+    failing = {c["sp_size"] for c in data["cases"] if c["status"] == "failed"}
+    assert found and 3 in failing, sorted(found)
+
+
+def test_8_a_correct_decorated_fastvideo_function_passes(tmp_path):
+    found, data = _diagnoses("correct_fastvideo_no_grad", tmp_path)
+    assert not found and data["summary"]["failed"] == 0 and data["summary"]["passed"] > 0, data["summary"]
+
+
+def test_7_nothing_checked_is_exit_2_with_a_command_that_runs(tmp_path):
+    result = check("--nproc", "2", "--convention", "diffusers-wan", "--config", "quick", timeout=300)
+    assert result.code == 2, result
+    line = result.err.strip().splitlines()[-1]
+    assert "no case can run" in line and "--schemes flat" in line and "Traceback" not in result.err, result
+
+
+def test_sp_layouts_at_four_ranks_are_strided_and_not_only_powers_of_two():
+    layouts = {(sp.kind, sp.size): sp.groups for sp in sp_layouts(4)}
+    assert layouts[("consecutive", 2)] == ((0, 1), (2, 3))
+    assert layouts[("strided", 2)] == ((0, 2), (1, 3))
+    assert layouts[("consecutive", 4)] == ((0, 1, 2, 3),)
+    assert layouts[("offset", 3)] == ((1, 2, 3),)  # rank 0 sits out; SP rank != global rank
+    assert divisors(1_000_000_007 * 2) == [1, 2, 1_000_000_007, 2_000_000_014]
+
+
+def test_the_seed_is_printed_and_reruns_the_same_cases(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    runs = [
+        check("--nproc", "2", "--seed", "123", "--level", "table", "--report", str(p), timeout=300)
+        for p in (first, second)
+    ]
+    for result in runs:
+        assert result.code == 0, result
+        assert "seed 123" in result.out.splitlines()[0], result
+    a, b = (json.loads(p.read_text()) for p in (first, second))
+    assert a["summary"]["seed"] == 123 and [c["id"] for c in a["cases"]] == [c["id"] for c in b["cases"]]
+    geometries = {c["config"] for c in a["cases"]}
+    assert {"quick", "quick-odd", "deep-sweep", "probe"} <= geometries and any(g.startswith("b-") for g in geometries)
+
+
+def test_a_mismatch_names_rank_scheme_first_bad_token_and_error(tmp_path):
+    impl = REPO / "tests" / "assets" / "native_one_bad_row.py"
+    result = check(
+        "--nproc",
+        "2",
+        "--seed",
+        "1",
+        "--config",
+        "quick",
+        "--schemes",
+        "contiguous:t",
+        "--dtypes",
+        "float64",
+        "--layouts",
+        "interleaved",
+        "--start-frames",
+        "0",
+        "--impl",
+        f"{impl}:rope",
+        timeout=300,
+    )
+    assert result.code == 1, result
+    assert re.search(
+        r"FAIL quick/contiguous:t/P2/sf0/float64/interleaved\S*: slice-mismatch: rank 1 \(contiguous:t, P=2\) sin "
+        r"differs from the unsharded table at token \(t=5, h=2, w=3\) \(local row \d+\), max abs error 0\.25\b",
+        result.out,
+    ), result
