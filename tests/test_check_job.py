@@ -89,9 +89,10 @@ def test_an_implementation_that_raises_on_one_rank_is_a_verdict_naming_it(tmp_pa
     report = tmp_path / f"{marker}.json"
     result = check("--nproc", "4", "--report", str(report), "--impl", f"{FIXTURES}/faulty.py:raise_on_rank2", *SMALL)
     assert result.code == 1, result
-    raised = r"implementation-error: rank 2 \(first call\): RuntimeError: injected failure on rank 2"
+    raised = r"implementation-error: rank 2\b.*injected failure on rank 2"
     assert re.search(raised, result.out), result
-    assert json.loads(report.read_text())["summary"]["diagnoses"] == ["implementation-error"]
+    # (Its SP partners' attention, fed rank 2's unrotated rows, may fail too.)
+    assert "implementation-error" in json.loads(report.read_text())["summary"]["diagnoses"]
     assert processes_with(marker) == []
 
 
