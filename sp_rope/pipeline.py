@@ -201,10 +201,9 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
     with phase(f"reference {spec.grid} {spec.dtype}/{spec.layout} start_frame {sf}"):
         try:
             built = rr.provider.full(spec, rr.job.device, within)
-            # A copy on the CPU: a buggy implementation may write into what it returned.
-            reference = RopeSlice(
-                built.cos.detach().to("cpu", copy=True), built.sin.detach().to("cpu", copy=True), built.indices
-            )
+            # Not copied (a copy would double the largest table a rank holds): its version counters
+            # show whether the implementation wrote into it while its slices were judged.
+            reference = RopeSlice(built.cos.detach().cpu(), built.sin.detach().cpu(), built.indices)
             del built
         except Exception as exc:  # noqa: BLE001 - the implementation under test failed: a verdict
             scratch.fail("implementation-error", f"rank {rr.job.rank}: the unsharded table raised {exc!r}"[:300])
@@ -219,8 +218,17 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
         truth = Truth(reference, None if hs is None else LevelReference((hs.q, hs.k, hs.v), reference, spec.layout))
     for case_index in rr.report.spec_cases[spec_id]:
         _absorb(rr, case_index, scratch)
+    versions = None if reference is None else (reference.cos._version, reference.sin._version)
     for seat in seats:
         _steps(rr, sweep, seat, rr.case(seat.family, sf), truth)
+    if reference is not None and (reference.cos._version, reference.sin._version) != versions:
+        for case_index in rr.report.spec_cases[spec_id]:
+            rr.state.fail(
+                case_index,
+                "mutated-in-place",
+                f"rank {rr.job.rank}: the implementation wrote into the "
+                "unsharded table it had returned while this rank's slices were judged against it",
+            )
 
 
 @dataclass
