@@ -11,7 +11,6 @@ input, 3 an infrastructure failure (crash, hang, timeout), rank and phase named.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import secrets
 import sys
@@ -22,6 +21,7 @@ from .adapters import CONVENTIONS, make_provider
 from .config import DEFAULT_CONFIGS, ConfigError, Matrix, load_config, validate_matrix
 from .dist import Job, LaunchEnv, PhaseError, UsageError, launch_env, phase, resolve_backend
 from .levels import LEVELS
+from .matrix import divisors
 from .pipeline import RunSpec, run_rank
 from .providers import Provider, SpRopeProvider
 from .sharding import ALL_PLAN_NAMES
@@ -157,11 +157,8 @@ def parse_settings(argv: list[str], world_size: int) -> Settings:
 
 
 def sp_sizes(world_size: int) -> tuple[int, ...]:
-    """Every divisor d > 1 of the world size (the world size included); 1 for a single rank.
-    Divisors come in pairs (d, N/d) with d <= sqrt(N): O(sqrt(N)) steps, not N."""
-    small = [d for d in range(2, math.isqrt(world_size) + 1) if world_size % d == 0]
-    large = [world_size // d for d in reversed(small) if d * d != world_size]
-    return tuple(small + large + [world_size]) if world_size > 1 else (1,)
+    """Every divisor d > 1 of the world size (the world size included); 1 for a single rank."""
+    return tuple(d for d in divisors(world_size) if d > 1) or (1,)
 
 
 # ---------------------------------------------------------------------------------------------

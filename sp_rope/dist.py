@@ -147,25 +147,24 @@ class Job:
         publisher = board.publisher()
         if publisher is not None and publisher.board_dir is None:
             publisher.store = _board_store()  # no board directory (torchrun): the job's store
-        self._sp_groups: dict[int, tuple[Any, list[int]]] = {}
+        self._sp_groups: dict[tuple[tuple[int, ...], ...], Any | None] = {}
 
     @property
     def rank(self) -> int:
         return self.env.rank
 
-    def sp_group(self, sp_size: int) -> tuple[Any, list[int]]:
-        """(group, its global ranks) holding this rank; consecutive ranks form a group."""
-        if sp_size not in self._sp_groups:
+    def sp_group(self, groups: tuple[tuple[int, ...], ...]) -> Any | None:
+        """The process group of this rank among ``groups`` (an SP layout's groups of global ranks,
+        each sorted), or None when this rank is in none of them. Every rank must create every
+        group, in the same order, so every rank calls this for the same layouts."""
+        if groups not in self._sp_groups:
             mine = None
-            for first in range(0, self.env.world_size, sp_size):
-                ranks = list(range(first, first + sp_size))
-                # Every rank must create every group, in the same order.
-                group = dist.new_group(ranks, timeout=self.timeout)
+            for ranks in groups:
+                group = dist.new_group(list(ranks), timeout=self.timeout)
                 if self.rank in ranks:
-                    mine = (group, ranks)
-            assert mine is not None
-            self._sp_groups[sp_size] = mine
-        return self._sp_groups[sp_size]
+                    mine = group
+            self._sp_groups[groups] = mine
+        return self._sp_groups[groups]
 
     def sync(self, name: str) -> None:
         """Meet every rank before phase ``name``; raise :class:`SyncError` if some rank does not

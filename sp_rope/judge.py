@@ -34,26 +34,6 @@ from .tables import unravel
 APPLY_TOL = 1e-6  # float32 rotation of identical inputs: equal up to rounding of the same ops
 ATTENTION_TOL = 1e-5  # float32 attention, relative and absolute (different reduction orders)
 
-_MIX = 0x9E3779B97F4A7C15 - 2**64  # golden-ratio odd constant, as a signed int64
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    """A content digest of tensors (dtype, shape and bits), without numpy.
-
-    Two wrapping int64 weighted sums over the raw bytes; equal tables give equal digests,
-    and any realistic difference changes them.
-    """
-    h = hashlib.blake2b(digest_size=12)
-    for t in tensors:
-        raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        pad = (-raw.numel()) % 8
-        words = torch.cat([raw, raw.new_zeros(pad)]).view(torch.int64)
-        weights = torch.arange(1, 2 * words.numel() + 1, 2, dtype=torch.int64) * _MIX
-        sums = (int((words * weights).sum()), int((words ^ (words >> 29)).mul(weights | 1).sum()))
-        h.update(f"{t.dtype}{tuple(t.shape)}{sums}".encode())
-    return h.hexdigest()
-
-
 DIGEST_COLUMNS = 4099  # a prime: no row width of a table lines its rows up with the columns
 SMALL_DIGEST_BYTES = 64 * 1024
 

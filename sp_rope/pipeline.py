@@ -334,7 +334,7 @@ def _attend(rr: RankRun, fams: list[Family], levels: ConfigLevels | None) -> Non
         name = f"attention P={sp.size} {fams[0].config.name}"
         rr.job.sync(name)
         pending = levels.attention.pop(sp, [])
-        group = _process_group(rr.job, sp)
+        group = rr.job.sp_group(sp.groups)
         if group is None:
             continue  # this rank sits this layout out
         with phase(name):
@@ -350,25 +350,6 @@ def _attend(rr: RankRun, fams: list[Family], levels: ConfigLevels | None) -> Non
             if rr.report.levels.get(p.case.index) == "apply" or "apply" not in rr.run.levels:
                 rr.report.levels[p.case.index] = "attention"
             _absorb(rr, p.case.index, scratch)
-
-
-_groups: dict[tuple[int, SpLayout], object | None] = {}
-
-
-def _process_group(job: Job, sp: SpLayout) -> object | None:
-    """The process group of this rank under ``sp`` (None when it sits out); every rank creates
-    every group of the layout, in the same order, as torch requires."""
-    import torch.distributed as dist
-
-    key = (id(job), sp)
-    if key not in _groups:
-        mine = None
-        for ranks in sp.groups:
-            group = dist.new_group(list(ranks), timeout=job.timeout)
-            if job.rank in ranks:
-                mine = group
-        _groups[key] = mine
-    return _groups[key]
 
 
 def _hidden_states(rr: RankRun, fams: list[Family], heads: int) -> HiddenStates | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .cache import CacheMutationError, RopeSlice
-from .judge import tensor_digest
+from .judge import content_digest
 from .oracle import oracle_table, tolerance
 from .providers import Provider
 from .report import CaseResult
@@ -139,9 +139,9 @@ class _Probe:
 
     def __init__(self, provider: Provider, device: str, base: Base) -> None:
         self.provider, self.device, self.base = provider, device, base
-        self.seen: dict[str, ProbeInput] = {}
+        self.seen: dict[tuple[object, ...], ProbeInput] = {}
         self.labels: dict[ProbeInput, str] = {base.input: "the base input"}
-        self.base_table: str | None = None  # digest of the first base call's table, judged once
+        self.base_table: tuple[object, ...] | None = None  # digest of the first base call's table, judged once
 
     def call(self, case: CaseResult, inp: ProbeInput, what: str) -> None:
         """One call, judged into ``case``; ``what`` names the call in messages."""
@@ -153,7 +153,7 @@ class _Probe:
         except Exception as exc:  # noqa: BLE001 - the implementation failed: a verdict, not a crash
             case.fail("implementation-error", f"{what}: {type(exc).__name__}: {str(exc).strip()[:200]}")
             return
-        digest = tensor_digest(sl.cos.detach(), sl.sin.detach())
+        digest = content_digest(sl.cos, sl.sin)
         if inp == self.base.input:
             if digest == self.base_table:  # the same table as the first base call: judged there
                 return
