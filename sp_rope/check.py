@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from .adapters import CONVENTIONS, make_provider
 from .config import DEFAULT_CONFIGS, ConfigError, Matrix, load_config, validate_matrix
-from .dist import Job, LaunchEnv, PhaseError, UsageError, launch_env, phase, resolve_backend
+from .dist import Job, LaunchEnv, PhaseError, UsageError, keep_freed_memory, launch_env, phase, resolve_backend
 from .levels import LEVELS
 from .matrix import divisors
 from .pipeline import RunSpec, run_rank
@@ -176,6 +176,7 @@ def rank_main(settings: Settings, env: LaunchEnv) -> int:
     if settings.nproc is not None and settings.nproc != env.local_world_size:
         raise UsageError(f"--nproc {settings.nproc} disagrees with this launch ({env.local_world_size} ranks per node)")
     provider = settings.provider
+    keep_freed_memory()
     job = Job(env, backend, device, settings.timeout)
     try:
         if settings.mutants:

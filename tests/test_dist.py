@@ -46,3 +46,35 @@ def test_tensors_travel_as_raw_bytes_not_torch_storages() -> None:
     blob = dumps([torch.zeros(4)])
     assert b"_rebuild_tensor" not in blob and b"_tensor_from_bytes" in blob
     assert len(blob) < len(pickle.dumps([torch.zeros(4)]))
+
+
+_FRESH_TABLE = r"""
+import ctypes, sys, torch
+from sp_rope.dist import keep_freed_memory
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+t = torch.empty(64 * 2**20, dtype=torch.uint8)  # a 64 MiB table
+print(kept, libc.mallinfo2().hblkhd >= 64 * 2**20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="not glibc >= 2.33")
+def test_keep_freed_memory_serves_big_tables_from_the_heap():
+    """glibc maps a table above its mmap threshold freshly (and unmaps it on free, so the next
+    one page-faults again); after keep_freed_memory it comes from the heap, which keeps it."""
+    import subprocess
+    import sys
+
+    def run(mode: str) -> str:
+        out = subprocess.run([sys.executable, "-c", _FRESH_TABLE, mode], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert run("default") == "None True"  # mmapped: what every big table used to cost
+    assert run("keep") == "True False"  # from the heap
