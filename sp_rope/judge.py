@@ -216,42 +216,82 @@ def judge_slice(case: CaseResult, spec: RopeSpec, got: RankSlice, reference: Rop
             f"claimed {_token_or_pad(claimed, at, spec.grid)}, plan {_token_or_pad(own, at, spec.grid)}",
         )
         off_plan = claimed
-    real = claimed >= 0
-    padded = not bool(real.all())
-    tokens = claimed[real] if padded else claimed
-    block = _contiguous_block(tokens)
     for name, table, ref in (("cos", cos, ref_cos), ("sin", sin, ref_sin)):
-        got_real = table[real] if padded else table
-        # Rows of one block (contiguous and flat splits) are a view of the table: no gathered copy.
-        want = ref[block] if block is not None else ref.index_select(0, tokens)
-        if torch.equal(got_real, want):  # the common case, in one pass; a NaN never equals: searched below
-            if padded:
-                _check_padding(case, where, name, table[~real])
-            continue
-        bad = (got_real != want).any(dim=1)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0])
-            err = float((got_real.double() - want.double()).abs().max())
-            case.max_abs_error = max(case.max_abs_error, err)
-            case.fail(
-                "slice-mismatch",
-                f"{where} {name} differs from the unsharded table at token {token_name(int(tokens[row]), spec.grid)} "
-                f"(local row {int(real.nonzero()[row])}), max abs error {err:.3g}",
-            )
-        _check_padding(case, where, name, table[~real])
+        _compare_rows(case, RowsUnderJudgement(where, name, table, claimed, spec.grid), ref)
     return off_plan
+
+
+@dataclass(frozen=True)
+class RowsUnderJudgement:
+    """One table (cos or sin) of a rank's slice, with the tokens its rows claim (-1: padding)."""
+
+    where: str
+    name: str
+    table: torch.Tensor
+    claimed: torch.Tensor
+    grid: tuple[int, ...]
+
+
+JUDGE_ROWS = 4096  # rows gathered from the unsharded table at once: a few MiB, never a slice's worth
+
+
+def _compare_rows(case: CaseResult, rows: RowsUnderJudgement, ref: torch.Tensor) -> None:
+    """Bit-exact comparison with the unsharded table, plus the identity on padding rows.
+
+    A slice that is one run of tokens (contiguous and flat splits) is compared with a view of
+    the table; any other is compared a block of rows at a time, each block's reference rows
+    gathered into one reused buffer, so judging never holds a second copy of the slice."""
+    table, claimed = rows.table, rows.claimed
+    run = _contiguous_block(claimed)
+    if run is not None and bool(claimed[0] >= 0):  # the common case, in one pass; NaN never equals
+        if not torch.equal(table, ref[run]):
+            _report_mismatch(case, rows, ref, 0)
+        return
+    buf = torch.empty(min(JUDGE_ROWS, len(claimed)), ref.shape[1], dtype=ref.dtype)
+    for start in range(0, len(claimed), JUDGE_ROWS):
+        tokens, got = claimed[start : start + JUDGE_ROWS], table[start : start + JUDGE_ROWS]
+        real = tokens >= 0
+        if bool(real.all()):
+            same = torch.equal(got, torch.index_select(ref, 0, tokens, out=buf[: len(tokens)]))
+        else:
+            same = torch.equal(got[real], ref.index_select(0, tokens[real]))
+        if not same:
+            _report_mismatch(case, rows, ref, start)
+            break
+    pad = claimed < 0
+    identity = 1.0 if rows.name == "cos" else 0.0
+    if bool(pad.any()) and not bool((table[pad] == identity).all()):
+        case.fail("slice-mismatch", f"{rows.where} padding rows of {rows.name} are not {identity}")
+
+
+def _report_mismatch(case: CaseResult, rows: RowsUnderJudgement, ref: torch.Tensor, start: int) -> None:
+    """The first real row from ``start`` on that differs, and the largest error over all real
+    rows from there (the failure path: blocks of rows again, no whole-slice copies)."""
+    first, err = -1, 0.0
+    for at in range(start, len(rows.claimed), JUDGE_ROWS):
+        tokens, got = rows.claimed[at : at + JUDGE_ROWS], rows.table[at : at + JUDGE_ROWS]
+        real = tokens >= 0
+        got_real, want = got[real].double(), ref.index_select(0, tokens[real]).double()
+        bad = (got_real != want).any(dim=1)
+        if first < 0 and bool(bad.any()):
+            first = at + int(real.nonzero()[int(bad.nonzero()[0])])
+        diff = (got_real - want).abs()
+        if diff.numel():
+            err = max(err, float(diff.nan_to_num(nan=float("inf")).max()))
+    if first < 0:
+        return
+    case.max_abs_error = max(case.max_abs_error, err)
+    case.fail(
+        "slice-mismatch",
+        f"{rows.where} {rows.name} differs from the unsharded table at token "
+        f"{token_name(int(rows.claimed[first]), rows.grid)} (local row {first}), max abs error {err:.3g}",
+    )
 
 
 def _contiguous_block(tokens: torch.Tensor) -> slice | None:
     if len(tokens) and int(tokens[-1]) - int(tokens[0]) == len(tokens) - 1 and bool((tokens.diff() == 1).all()):
         return slice(int(tokens[0]), int(tokens[-1]) + 1)
     return None
-
-
-def _check_padding(case: CaseResult, where: str, name: str, pad_rows: torch.Tensor) -> None:
-    identity = 1.0 if name == "cos" else 0.0
-    if pad_rows.numel() and not bool((pad_rows == identity).all()):
-        case.fail("slice-mismatch", f"{where} padding rows of {name} are not {identity}")
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
