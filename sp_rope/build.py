@@ -46,8 +46,9 @@ class RankState:
 
 
 def call(state: RankState, seat: Seat, case: Case, when: str) -> RopeSlice | None:
-    """One call of the implementation for ``case``; returns the slice on its first call (for
-    judging), None afterwards or when the call found a corrupted cache entry."""
+    """One call of the implementation for ``case``; returns the slice while it is the case's
+    first table (the first call, and cache hits handing back those very tensors unchanged), for
+    judging; None for other calls and when the call found a corrupted cache entry."""
     fam, rank = seat.family, state.job.rank
     try:
         sl = state.provider.get(case.spec, fam.plan, seat.sp_rank, fam.sp.size, state.job.device)

@@ -241,24 +241,32 @@ class Truth:
 
 
 def _steps(rr: RankRun, sweep: Sweep, seat: Seat, case: Case, truth: Truth | None) -> None:
-    """A case's denoising steps; the first call's slice is judged at once, right here."""
+    """A case's denoising steps; the first call's slice is judged at once, before the next call,
+    so a rank never holds two of a case's slices (an uncached implementation returns a new one
+    per step)."""
     fam = seat.family
     calls = fam.calls[fam.start_frames.index(case.start_frame)]
-    first = None
+    first, judged = None, False
     with phase(f"build P={fam.sp.size} {fam.config.name}/{fam.scheme}/{fam.dtype}/{fam.layout}"):
         for step in range(calls):
             sl = call(rr.state, seat, case, "first call" if step == 0 else f"step {step + 1}")
-            first = first if sl is None else sl
-    if first is not None and truth is not None:
-        rr.report.judged.append(case.index)
-        scratch = _scratch(case)
-        got = RankSlice(rr.job.rank, seat.sp_rank, fam.plan, first)
-        off_plan = judge_slice(scratch, case.spec, got, truth.reference)
-        if off_plan is not None:
-            rr.report.off_plan[case.index] = (seat.group, seat.sp_rank, off_plan)
-        _absorb(rr, case.index, scratch)
+            if sl is not None and truth is not None and not judged:
+                _judge_first(rr, seat, case, sl, truth.reference)
+                judged = True
+            if sweep.levels is not None:  # the upper levels rotate with it after the steps
+                first = first if sl is None else sl
+            del sl
     if sweep.levels is not None:
         _levels(rr, sweep, Seated(seat, case), first, None if truth is None else truth.levels)
+
+
+def _judge_first(rr: RankRun, seat: Seat, case: Case, first: RopeSlice, reference: RopeSlice) -> None:
+    rr.report.judged.append(case.index)
+    scratch = _scratch(case)
+    off_plan = judge_slice(scratch, case.spec, RankSlice(rr.job.rank, seat.sp_rank, seat.family.plan, first), reference)
+    if off_plan is not None:
+        rr.report.off_plan[case.index] = (seat.group, seat.sp_rank, off_plan)
+    _absorb(rr, case.index, scratch)
 
 
 @dataclass(frozen=True)
