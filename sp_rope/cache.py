@@ -236,6 +236,10 @@ class RopeCache:
                 entry.last_used = next(self._clock)  # inserted by another thread since the first look
                 return entry.value
             self._counts.misses += 1
+            # At the entry bound, the LRU entry goes before the build, not after: a full cache
+            # never holds max_entries + 1 tables while a miss builds (a 720p slice is 74 MiB).
+            while len(self._entries) >= self.max_entries:
+                self._evict_lru()
         key = CacheKey(spec, plan, sp_rank, sp_size, dev)
         # Build outside the lock so threads asking for different keys do not serialize.
         value = replace(_repacked(self.builder(spec, plan, sp_rank, sp_size, dev)), key=key)
@@ -251,9 +255,12 @@ class RopeCache:
             self._by_hash.setdefault(entry.hash_key, entry)
             self._counts.bytes += value.nbytes
             while len(self._entries) > self.max_entries or self._counts.bytes > self.max_bytes:
-                self._remove(min(self._entries, key=lambda k: self._entries[k].last_used))
-                self._counts.evictions += 1
+                self._evict_lru()
         return value
+
+    def _evict_lru(self) -> None:
+        self._remove(min(self._entries, key=lambda k: self._entries[k].last_used))
+        self._counts.evictions += 1
 
     def _remove(self, lookup: tuple) -> None:
         entry = self._entries.pop(lookup)

@@ -371,3 +371,19 @@ def test_equal_but_distinct_and_unpickled_keys_hit_the_same_entry() -> None:
     for _ in range(2):  # the first call hashes them, the second takes the hit path
         assert cache.get(twin_spec, twin_plan, 0, 2, "cpu") is first
     assert (cache.stats.misses, cache.stats.hits) == (1, 2)
+
+
+def test_a_full_cache_evicts_before_it_builds() -> None:
+    """A miss in a full cache drops the LRU entry first, so no more than max_entries tables are
+    held at any time, the one being built included (its builder sees the room already made)."""
+    held_during_build: list[int] = []
+
+    def builder(*args):  # type: ignore[no-untyped-def]
+        held_during_build.append(len(cache))
+        return build_slice(*args)
+
+    cache = RopeCache(max_entries=2, builder=builder)
+    for args in _fresh_keys(5):
+        cache.get(*args)
+    assert held_during_build == [0, 1, 1, 1, 1]
+    assert len(cache) == 2 and cache.stats.evictions == 3
