@@ -300,6 +300,7 @@ def fig_presets(s: Settings) -> list[Row]:
     rank holds (the unsharded float64 table: the reference every slice is compared with)."""
     bare_code, bare_s, bare_mib = _measure(BARE)
     rows = []
+    uncached = ["--impl", f"{Path(__file__).with_name('uncached_rope.py')}:rope"]
     for preset, target in (("wan2.1-t2v-1.3b-480p", 5.0), ("wan2.1-t2v-14b-720p", 10.0)):
         code, seconds, mib = _measure(_table_level(preset))
         grid = {"wan2.1-t2v-1.3b-480p": 21 * 30 * 52, "wan2.1-t2v-14b-720p": 21 * 45 * 80}[preset]
@@ -307,7 +308,13 @@ def fig_presets(s: Settings) -> list[Row]:
         rows.append(Row("7", f"{preset} --level table / bare 4-rank gloo job", seconds / bare_s, target, "<=",
                         f"{seconds:.1f} s vs {bare_s:.1f} s, exit {code}", None, {"check": seconds * 1e3}))
         rows.append(Row("7", f"{preset}: (peak RSS - bare rank) / largest cos+sin pair", (mib - bare_mib) / pair_mib,
-                        2.0, "<=", f"peak {mib:.0f} MiB, bare rank {bare_mib:.0f} MiB, pair {pair_mib:.0f} MiB"))
+                        2.0, "<=", f"peak {mib:.0f} MiB, bare rank {bare_mib:.0f} MiB, pair {pair_mib:.0f} MiB; "
+                        "sp_rope's cache holds up to 3 slices (1.5 pairs at P=2)"))
+        # The check's own memory: the same run against an implementation that keeps nothing.
+        code, seconds, mib = _measure([*_table_level(preset), *uncached])
+        rows.append(Row("7", f"{preset}, uncached implementation: (peak RSS - bare rank) / largest pair",
+                        (mib - bare_mib) / pair_mib, 2.0, "<=",
+                        f"peak {mib:.0f} MiB, {seconds:.1f} s, exit {code}"))
     # Growth with the number of presets: k copies of one preset under other names (a preset named
     # twice counts once), narrowed to one family each, so every preset adds the same work.
     with tempfile.TemporaryDirectory() as tmp:
