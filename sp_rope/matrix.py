@@ -170,7 +170,8 @@ def _seeded_families(
     combos = [(dtype, layout) for dtype in matrix.dtypes for layout in matrix.layouts]
     plain = [c for c in combos if c == ("float32", "interleaved")]
     drawn = plain + rng.sample([c for c in combos if c not in plain], min(3 - len(plain), len(combos) - len(plain)))
-    frames = tuple(dict.fromkeys((0, rng.choice(matrix.start_frames))))
+    # A causal offset always (T = 1 grids and scalar factors on t only show one there).
+    frames = tuple(dict.fromkeys((0, rng.choice([f for f in matrix.start_frames if f] or [0]))))
     out = []
     for dtype, layout in sorted(drawn):
         for sp in layouts:
@@ -183,12 +184,15 @@ def _seeded_families(
 
 def deep_sweep(sp: SpLayout, matrix: Matrix) -> Family:
     """40 start_frames on a tiny grid, one call each, then all of them again from the first:
-    a cache of up to 32 entries has evicted the early ones by then."""
+    a cache of up to 32 entries has evicted the early ones by then. The start_frames step by the
+    grid's T, as a block-causal model streams (0, T, 2T, ...), and the split is along t, so a rank
+    holds T/P frames: an implementation that derives a block's offset from the previous block's
+    local frame count is wrong from the second block on."""
     config = GeometryConfig("deep-sweep", (4, 2, 4), 12, (4, 4, 4), description="evicts a 32-entry cache")
-    frames = tuple(range(DEEP_SWEEP_FRAMES))
+    frames = tuple(range(0, 4 * DEEP_SWEEP_FRAMES, 4))
     dtype = "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
     layout = "interleaved" if "interleaved" in matrix.layouts else matrix.layouts[0]
-    return Family(config, "contiguous:w", dtype, layout, sp, frames, tuple(1 for _ in frames), frames)
+    return Family(config, "contiguous:t", dtype, layout, sp, frames, tuple(1 for _ in frames), frames)
 
 
 def breadth_configs(rng: random.Random) -> tuple[GeometryConfig, ...]:
@@ -197,12 +201,18 @@ def breadth_configs(rng: random.Random) -> tuple[GeometryConfig, ...]:
     fixed = (
         # T = 1, unequal dims, theta != 1e4, scalar factors != 1 (the t axis included).
         GeometryConfig("b-t1-scalar", (1, 12, 4), 32, (8, 14, 10), 256.0, 1.5, 0.75),
-        # Per-axis factors, every element different and != 1, another head dim, a large theta.
-        GeometryConfig("b-lists", (12, 2, 3), 48, (20, 16, 12), 5.0e5, (2.0, 0.5, 1.25), (0.5, 2.0, 1.5)),
+        # Per-axis factors, every element different and != 1, another head dim, a large theta;
+        # theta and factors not representable in float32 or bfloat16 (a value held in a
+        # narrower buffer, or rounded into a key, changes the table).
+        GeometryConfig("b-lists", (12, 2, 3), 48, (20, 16, 12), 123456.7, (1.1, 0.5, 1.25), (0.8, 2.0, 1 / 3)),
         # Plain: the default split, factors 1, theta != 1e4 (what a restricted convention expresses).
         GeometryConfig("b-plain", (2, 12, 6), 48, (16, 16, 16), 2.0e4),
         GeometryConfig("b-plain-t1", (1, 4, 12), 36, (12, 12, 12), 1.0e4),
         GeometryConfig("b-plain-wan", (3, 4, 12), 128, (44, 42, 42), 1.0e4),  # Wan's head dim and split
+        # Long spatial axes (longer than a 720p latent's 45 x 80): positions past any small
+        # precomputed per-axis table. One frame and a small head dim keep its tables cheap; over
+        # MAX_ATTENTION_TOKENS, so only its rotation is checked above the table level.
+        GeometryConfig("b-wide", (1, 96, 96), 24, (8, 8, 8), 1.0e4),
     )
     return fixed + tuple(_random_config(rng, i) for i in range(2))
 

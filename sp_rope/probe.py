@@ -60,6 +60,7 @@ class Variant:
     field: str  # as RopeSpec spells it: grid[1], theta_rescale_factor[0], dtype, ...; sp_rank, scheme ...
     input: ProbeInput
     change: str  # "2 -> 4"
+    against: ProbeInput | None = None  # what it alternates with; None: the base input
 
 
 # Every grid axis even (each convention's contiguous split at SP size 2), t divisible by 4 (the SP
@@ -87,20 +88,35 @@ BASES = (
 
 
 def variants(base: Base) -> list[Variant]:
-    """Each field of ``base`` changed alone, to a value that changes the table."""
+    """Each field of ``base`` changed alone, to a value that changes the table: grossly, and by
+    as little as a cache key that rounds, truncates or keeps a product would miss."""
     b, s = base.input, base.input.spec
     out = []
     for a, size in enumerate(s.grid):
         grid = tuple(n + 2 if i == a else n for i, n in enumerate(s.grid))
         out.append(Variant(f"grid[{a}]", b.with_spec(grid=grid), f"{size} -> {size + 2}"))
-    dims = (s.rope_dim_list[0] + 4, s.rope_dim_list[1] - 4, *s.rope_dim_list[2:])  # the same head dim
-    out.append(Variant("rope_dim_list", b.with_spec(rope_dim_list=dims), f"{list(s.rope_dim_list)} -> {list(dims)}"))
+    for a, c in ((0, 1), (1, 2)):  # the same token count and axis products: a key on T*H*W or H*W
+        swapped = list(s.grid)
+        swapped[a], swapped[c] = swapped[c], swapped[a]
+        change = f"{list(s.grid)} -> {swapped}"
+        out.append(Variant(f"grid[{a}] <-> grid[{c}]", b.with_spec(grid=tuple(swapped)), change))
+    for a, c in ((1, 0), (1, 2), (0, 2)):  # 4 dims moved between each pair of axes: the same head dim
+        dims = list(s.rope_dim_list)
+        dims[a], dims[c] = dims[a] - 4, dims[c] + 4
+        out.append(Variant(f"rope_dim_list[{a}] -> [{c}]", b.with_spec(rope_dim_list=tuple(dims)),
+                           f"{list(s.rope_dim_list)} -> {dims}"))
     out.append(Variant("theta", b.with_spec(theta=s.theta * 1.8), f"{s.theta:g} -> {s.theta * 1.8:g}"))
+    out.append(Variant("theta (+0.25)", b.with_spec(theta=s.theta + 0.25), f"{s.theta:g} -> {s.theta + 0.25:g}"))
     for name in ("theta_rescale_factor", "interpolation_factor"):
         values: tuple[float, ...] = getattr(s, name)
         for a, value in enumerate(values):
             changed = tuple(v * 1.5 if i == a else v for i, v in enumerate(values))
             out.append(Variant(f"{name}[{a}]", b.with_spec(**{name: changed}), f"{value:g} -> {value * 1.5:g}"))
+        # Not representable in bfloat16, equal to 3 decimals: a key or buffer that rounds it.
+        nudged = (values[0] * (1 + 2**-10), *values[1:])
+        out.append(
+            Variant(f"{name}[0] (x(1+2^-10))", b.with_spec(**{name: nudged}), f"{values[0]:g} -> {nudged[0]:.9g}")
+        )
     other_dtype = "float32" if s.dtype == "float64" else "float64"
     out.append(Variant("dtype", b.with_spec(dtype=other_dtype), f"{s.dtype} -> {other_dtype}"))
     other_layout = "half" if s.layout != "half" else "interleaved"
@@ -112,6 +128,12 @@ def variants(base: Base) -> list[Variant]:
     out.append(Variant("sp_size", replace(b, sp_size=2 * b.sp_size), f"{b.sp_size} -> {2 * b.sp_size}"))
     out.append(Variant("shard axis", replace(b, plan=base.other_axis), f"{b.plan} -> {base.other_axis}"))
     out.append(Variant("scheme", replace(b, plan=base.other_scheme), f"{b.plan} -> {base.other_scheme}"))
+    # A scheme's own parameter, alternating with the same scheme at another value: the last rank
+    # of 5 (48 tokens: flat's modes differ there), SP rank 1 of 4 (usp's ring degrees differ).
+    pairs = (("usp:2", "usp:4", 1, 4), ("usp:2", "usp:1", 1, 4), ("flat:pad", "flat:uneven", 4, 5))
+    for first, second, rank, size in pairs:
+        one, other = (replace(b, plan=parse_plan(n), sp_rank=rank, sp_size=size) for n in (first, second))
+        out.append(Variant(f"scheme parameter ({first} / {second})", other, f"{first} -> {second}", against=one))
     return out
 
 
@@ -143,15 +165,31 @@ class _Probe:
         self.labels: dict[ProbeInput, str] = {base.input: "the base input"}
         self.base_table: tuple[object, ...] | None = None  # digest of the first base call's table, judged once
 
+    def get(self, inp: ProbeInput) -> RopeSlice | Exception:
+        """One call with fresh objects equal to ``inp``'s, dropped right after: a cache keyed on
+        ``id()`` of its arguments meets ids that other inputs' objects reused. (They are dropped
+        in the reverse of their creation order, so the next call's objects, made in the same
+        order, take the same memory and ids: the next call is another input's every other time.)"""
+        spec = inp.spec.replace()
+        plan = replace(inp.plan)
+        try:
+            return self.provider.get(spec, plan, inp.sp_rank, inp.sp_size, self.device)
+        except Exception as exc:  # noqa: BLE001 - the implementation failed: a verdict, not a crash
+            return exc
+        finally:
+            del plan
+            del spec
+
     def call(self, case: CaseResult, inp: ProbeInput, what: str) -> None:
         """One call, judged into ``case``; ``what`` names the call in messages."""
-        try:
-            sl = self.provider.get(inp.spec, inp.plan, inp.sp_rank, inp.sp_size, self.device)
-        except CacheMutationError as exc:
-            case.fail("mutated-in-place", f"{what}: {exc}")
+        self.judge(case, inp, what, self.get(inp))
+
+    def judge(self, case: CaseResult, inp: ProbeInput, what: str, sl: RopeSlice | Exception) -> None:
+        if isinstance(sl, CacheMutationError):
+            case.fail("mutated-in-place", f"{what}: {sl}")
             return
-        except Exception as exc:  # noqa: BLE001 - the implementation failed: a verdict, not a crash
-            case.fail("implementation-error", f"{what}: {type(exc).__name__}: {str(exc).strip()[:200]}")
+        if isinstance(sl, Exception):
+            case.fail("implementation-error", f"{what}: {type(sl).__name__}: {str(sl).strip()[:200]}")
             return
         digest = content_digest(sl.cos, sl.sin)
         if inp == self.base.input:
@@ -172,14 +210,22 @@ class _Probe:
                                        f"{inp.sp_rank} of {inp.sp_size}")
 
     def field(self, case: CaseResult, variant: Variant) -> None:
-        """Base and variant calls, interleaved: each must get its own table every time."""
+        """Base and variant calls, interleaved and back to back (judged afterwards, so nothing
+        the check allocates comes between them): each must get its own table every time."""
         self.labels[variant.input] = f"{variant.field} = {variant.change.split(' -> ')[1]}"
         changed = f"{variant.field} changed alone ({variant.change})"
-        base = self.base.input
-        self.call(case, base, f"the base call before {changed}")
-        self.call(case, variant.input, f"the first call with {changed}")
-        self.call(case, base, f"the base call after {changed}")
-        self.call(case, variant.input, f"the second call with {changed}")
+        base = variant.against or self.base.input
+        if variant.against is not None:
+            self.labels.setdefault(base, f"{variant.field} = {variant.change.split(' -> ')[0]}")
+        calls = [
+            (base, f"the {'base' if variant.against is None else 'other'} call before {changed}"),
+            (variant.input, f"the first call with {changed}"),
+            (base, f"the {'base' if variant.against is None else 'other'} call after {changed}"),
+            (variant.input, f"the second call with {changed}"),
+        ]
+        got = [self.get(inp) for inp, _ in calls]
+        for (inp, what), sl in zip(calls, got):
+            self.judge(case, inp, what, sl)
 
 
 def _case(name: str, inp: ProbeInput) -> CaseResult:

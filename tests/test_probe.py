@@ -7,19 +7,50 @@ from __future__ import annotations
 import pytest
 
 from sp_rope.adapters import DiffusersWanProvider, make_provider
+from sp_rope.cache import RopeSlice
 from sp_rope.mutants import catalog
 from sp_rope.mutants.native import NativeRope
 from sp_rope.probe import probe_keys
 from sp_rope.providers import NativeProvider, Provider, SpRopeProvider
 from sp_rope.report import CaseResult
+from sp_rope.tables import build_table
 
 # Written out here, not taken from sp_rope.probe: a field the probe stops varying fails these tests.
+SWAPS = ["grid[0] <-> grid[1]", "grid[1] <-> grid[2]"]
+DIM_MOVES = ["rope_dim_list[1] -> [0]", "rope_dim_list[1] -> [2]", "rope_dim_list[0] -> [2]"]
+NUDGES = ["theta (+0.25)", "theta_rescale_factor[0] (x(1+2^-10))", "interpolation_factor[0] (x(1+2^-10))"]
+SCHEME_PARAMETERS = [
+    "scheme parameter (usp:2 / usp:4)", "scheme parameter (usp:2 / usp:1)", "scheme parameter (flat:pad / flat:uneven)"
+]
 FIELDS = [
-    "grid[0]", "grid[1]", "grid[2]", "rope_dim_list", "theta",
+    "grid[0]", "grid[1]", "grid[2]", *SWAPS, *DIM_MOVES, "theta", *NUDGES,
     "theta_rescale_factor[0]", "theta_rescale_factor[1]", "theta_rescale_factor[2]",
     "interpolation_factor[0]", "interpolation_factor[1]", "interpolation_factor[2]",
-    "dtype", "layout", "start_frame", "sp_rank", "sp_size", "shard axis", "scheme",
+    "dtype", "layout", "start_frame", "sp_rank", "sp_size", "shard axis", "scheme", *SCHEME_PARAMETERS,
 ]
+# A key without one field (as the catalog's native implementation names key fields), and the
+# probe fields that must then fail: the field itself and every variant that also changes it.
+KEY_FIELD_FAILS = {
+    # A swap changes two axes, but (2, 4, 6) meets the key of grid[1]'s variant (4, 4, 6), still cached.
+    "grid[0]": {"grid[0]", SWAPS[0]},
+    "grid[1]": {"grid[1]"},
+    "grid[2]": {"grid[2]"},
+    "rope_dim_list": set(DIM_MOVES),
+    "theta": {"theta", NUDGES[0]},
+    "theta_rescale_factor[0]": {"theta_rescale_factor[0]", NUDGES[1]},
+    "theta_rescale_factor[1]": {"theta_rescale_factor[1]"},
+    "theta_rescale_factor[2]": {"theta_rescale_factor[2]"},
+    "interpolation_factor[0]": {"interpolation_factor[0]", NUDGES[2]},
+    "interpolation_factor[1]": {"interpolation_factor[1]"},
+    "interpolation_factor[2]": {"interpolation_factor[2]"},
+    "dtype": {"dtype"},
+    "layout": {"layout"},
+    "start_frame": {"start_frame"},
+    "sp_rank": {"sp_rank"},
+    "sp_size": {"sp_size"},
+    "shard axis": {"shard axis"},
+    "scheme": {"scheme", *SCHEME_PARAMETERS},
+}
 CATALOG = {m.name: m for m in catalog()}
 CORRECT = [m for m in catalog() if m.expected is None]
 
@@ -48,7 +79,8 @@ def test_correct_catalog_implementations_pass_every_field_they_can_express(name)
     if CATALOG[name].convention == "native":
         assert status == {"passed": {"base", *FIELDS}, "failed": set(), "skipped": set()}, _failures(cases)
     else:  # fastvideo conventions shard contiguously only
-        assert status == {"passed": {"base", *FIELDS} - {"scheme"}, "failed": set(), "skipped": {"scheme"}}
+        unsharded = {"scheme", *SCHEME_PARAMETERS}
+        assert status == {"passed": {"base", *FIELDS} - unsharded, "failed": set(), "skipped": unsharded}
         (scheme,) = [c for c in cases if c.scheme == "scheme"]
         assert scheme.details[0].startswith("not probed: scheme contiguous:t -> zigzag:t:"), scheme.details
 
@@ -62,29 +94,85 @@ def test_sp_rope_itself_passes_every_field():
 def test_diffusers_wan_is_probed_where_it_can_be_and_skipped_elsewhere():
     cases = probe_keys(DiffusersWanProvider(), "cpu")
     status = _by_status(cases)
-    probed = {"base", "grid[0]", "grid[1]", "grid[2]", "theta", "sp_rank", "sp_size"}
+    probed = {"base", "grid[0]", "grid[1]", "grid[2]", *SWAPS, "theta", "theta (+0.25)", "sp_rank", "sp_size"}
     assert status == {"passed": probed, "failed": set(), "skipped": {"base", *FIELDS} - probed}
     assert all(c.details[0].startswith("not probed: ") for c in cases if c.status == "skipped")
     assert {c.dtype for c in cases if c.status == "passed"} == {"float32"}
 
 
-@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize("field", sorted(KEY_FIELD_FAILS))
 def test_a_key_without_one_field_is_named_key_incomplete(field):
     impl = NativeRope(forget=(field,))  # the catalog's correct native implementation, one key field less
     cases = probe_keys(NativeProvider(impl, f"native key without {field}"), "cpu")
-    assert _failures(cases) == {field: ["key-incomplete"]}
-    (case,) = [c for c in cases if c.scheme == field]
+    assert _failures(cases) == {name: ["key-incomplete"] for name in KEY_FIELD_FAILS[field]}
+    (case,) = [c for c in cases if c.scheme == (field if field != "rope_dim_list" else DIM_MOVES[0])]
     assert "got the table returned earlier for the base input" in case.details[0], case.details
+
+
+def _keyed(key_of):  # type: ignore[no-untyped-def]
+    """A native implementation with correct tables, cached under ``key_of(spec, plan, sp_rank, sp_size)``."""
+    cache: dict[object, RopeSlice] = {}
+
+    def rope(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        key = key_of(spec, plan, sp_rank, sp_size)
+        if key not in cache:
+            tokens = plan.indices(spec.grid, sp_rank, sp_size)
+            cache[key] = RopeSlice(*build_table(spec, tokens), tokens)
+        return cache[key]
+
+    return NativeProvider(rope, "keyed")
+
+
+def _rest(spec, plan, sp_rank, sp_size):  # type: ignore[no-untyped-def]
+    return (spec.dtype, spec.layout, spec.start_frame, str(plan), sp_rank, sp_size)
+
+
+# Keys that hold every field in some form, and still lose a difference; the probe field that sees it.
+NEAR_MISS_KEYS = {
+    "the product of h and w": (
+        lambda s, p, r, n: (s.grid[0], s.grid[1] * s.grid[2], s.rope_dim_list, s.theta, s.theta_rescale_factor,
+                            s.interpolation_factor, *_rest(s, p, r, n)),
+        {SWAPS[1]},
+    ),
+    "the t part of the head-dim split": (
+        lambda s, p, r, n: (s.grid, sum(s.rope_dim_list), s.rope_dim_list[0], s.theta, s.theta_rescale_factor,
+                            s.interpolation_factor, *_rest(s, p, r, n)),
+        {DIM_MOVES[1]},
+    ),
+    "theta and factors rounded as text": (
+        lambda s, p, r, n: (s.grid, s.rope_dim_list, f"{s.theta:.0f}",
+                            " ".join(f"{v:.2f}" for v in (*s.theta_rescale_factor, *s.interpolation_factor)),
+                            *_rest(s, p, r, n)),
+        set(NUDGES),
+    ),
+    "the scheme's name without its parameter": (
+        lambda s, p, r, n: (s, p.scheme, p.axis, r, n),
+        set(SCHEME_PARAMETERS),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_MISS_KEYS))
+def test_a_key_that_loses_a_difference_is_caught_by_the_near_variant(name):
+    key_of, fields = NEAR_MISS_KEYS[name]
+    assert _failures(probe_keys(_keyed(key_of), "cpu")) == {field: ["key-incomplete"] for field in fields}
+
+
+def test_a_key_on_the_identity_of_the_spec_is_caught():
+    # The probe passes fresh, equal objects and drops them after each call: ids come back for
+    # other inputs, as they do when a model builds its spec anew every step.
+    failures = _failures(probe_keys(_keyed(lambda s, p, r, n: (id(s), str(p), r, n)), "cpu"))
+    assert failures and all(diagnoses == ["key-incomplete"] for diagnoses in failures.values()), failures
 
 
 # Catalog mutants whose cache key forgets a field, and the fields the probe must name for them.
 KEY_MUTANTS = {
     "fv_key_grid_th": {"grid[2]"},
-    "fv_key_no_theta": {"theta"},
+    "fv_key_no_theta": {"theta", NUDGES[0]},
     "fv_key_rescale_first": {"theta_rescale_factor[1]", "theta_rescale_factor[2]"},
     "fv_key_interp_first_two": {"interpolation_factor[2]"},
     "fv_key_no_use_real": {"layout"},
-    "fv_key_no_rope_dim_list": {"rope_dim_list"},
+    "fv_key_no_rope_dim_list": set(DIM_MOVES),
     "fv_key_no_dtype": {"dtype"},
     "fv_key_no_start_frame": {"start_frame"},
     "fv_key_no_sp_rank": {"sp_rank"},
