@@ -139,3 +139,43 @@ def test_a_mismatch_names_rank_scheme_first_bad_token_and_error(tmp_path):
         r"differs from the unsharded table at token \(t=5, h=2, w=3\) \(local row \d+\), max abs error 0\.25\b",
         result.out,
     ), result
+
+
+def _bfloat16_exact(value: float) -> bool:
+    import torch
+
+    return float(torch.tensor(value, dtype=torch.float64).to(torch.bfloat16).double()) == value
+
+
+def _float32_exact(value: float) -> bool:
+    import torch
+
+    return float(torch.tensor(value, dtype=torch.float64).to(torch.float32).double()) == value
+
+
+@pytest.mark.parametrize("seed", [1, 7, 12, 20, 90])
+def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
+    """What the default run must always contain, whatever the seed (each point is a class of
+    bugs an independent implementation shipped and an earlier matrix let through)."""
+    from sp_rope.check import parse_settings
+    from sp_rope.matrix import families
+
+    settings = parse_settings([], 4)  # the default run's matrix
+    fams = families(settings.matrix, 4, seed, breadth=settings.breadth)
+    configs = {f.config for f in fams}
+    factors = [v for c in configs for name in ("theta_rescale_factor", "interpolation_factor")
+               for v in (getattr(c, name) if isinstance(getattr(c, name), tuple) else (getattr(c, name),))]
+    # theta and factors a float32 or bfloat16 buffer, or a key that rounds them, would change
+    assert any(not _float32_exact(c.theta) for c in configs)
+    assert any(not _bfloat16_exact(v) for v in factors)
+    # spatial positions past a small precomputed per-axis table
+    assert max(max(c.grid[1:]) for c in configs if len(c.grid) == 3) >= 96
+    # every breadth geometry (T = 1 ones included) is asked for at a causal offset != 0
+    for fam in fams:
+        if fam.config.name.startswith("b-"):
+            assert any(sf != 0 for sf in fam.start_frames), fam.config.name
+    # a block-causal stream split along t: start_frames 0, T, 2T, ... deeper than a 32-entry cache
+    (deep,) = [f for f in fams if f.config.name == "deep-sweep"]
+    t = deep.config.grid[0]
+    assert deep.plan.scheme == "contiguous" and deep.plan.axis == 0
+    assert deep.start_frames == tuple(range(0, t * len(deep.start_frames), t)) and len(deep.start_frames) > 32
