@@ -132,7 +132,10 @@ def test_diffusers_wan_job_passes_and_skips_what_it_cannot_express(tmp_path):
     passed = [c for c in cases if c["status"] == "passed"]
     assert passed and all(c["scheme"] == "flat" and c["start_frame"] == 0 and c["dtype"] == "float32" for c in passed)
     probed = {c["scheme"] for c in every_case if c["config"] == "probe" and c["status"] == "passed"}
-    assert probed == {"base", "grid[0]", "grid[1]", "grid[2]", "theta", "sp_rank", "sp_size"}
+    assert probed == {
+        "base", "grid[0]", "grid[1]", "grid[2]", "grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "theta", "theta (+0.25)",
+        "sp_rank", "sp_size",
+    }
     reasons = " ".join(c["details"][0] for c in cases if c["status"] == "skipped")
     assert "no start_frame" in reasons and "not zigzag" in reasons and "float32 tables only" in reasons
 
