@@ -10,11 +10,12 @@ The default matrix is built to leave no plausible bug standing, not to look tidy
   mod P); and one group of ``world - 1`` ranks on ranks 1.. with rank 0 sitting out (an SP size
   that is not a power of two, a group that does not start at rank 0).
 - **Breadth geometries** (default run only): fixed ones with unequal dims, theta != 1e4, factors
-  != 1 on every axis (t included) spelled as scalars and as lists, T = 1, two head dims, plain
-  ones a restricted convention can express; plus seeded random geometries.
+  != 1 on every axis (t included) spelled as scalars and as lists, theta and factors not exact in
+  float32 or bfloat16, T = 1, a 96 x 96 grid, several head dims, plain ones a restricted
+  convention can express; plus seeded random geometries. Each runs at a causal offset != 0 too.
 - **Call patterns**: calls per (family, start_frame) vary with the seed; the second pass revisits
-  start_frames in a seeded order; one deep sweep of 40 start_frames on a tiny grid evicts a
-  32-entry cache and then re-enters it.
+  start_frames in a seeded order; one deep sweep of 40 block-causal start_frames (0, T, 2T, ...)
+  split along t on a tiny grid evicts a 32-entry cache and then re-enters it.
 """
 
 from __future__ import annotations
