@@ -133,7 +133,7 @@ def test_diffusers_wan_job_passes_and_skips_what_it_cannot_express(tmp_path):
     assert passed and all(c["scheme"] == "flat" and c["start_frame"] == 0 and c["dtype"] == "float32" for c in passed)
     probed = {c["scheme"] for c in every_case if c["config"] == "probe" and c["status"] == "passed"}
     assert probed == {
-        "base", "grid[0]", "grid[1]", "grid[2]", "grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "theta", "theta (+0.25)",
+        "base", "grid[0]", "grid[1]", "grid[2]", "grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "theta", "theta (+0.1)",
         "sp_rank", "sp_size",
     }
     reasons = " ".join(c["details"][0] for c in cases if c["status"] == "skipped")
