@@ -216,8 +216,9 @@ def judge_slice(case: CaseResult, spec: RopeSpec, got: RankSlice, reference: Rop
             f"claimed {_token_or_pad(claimed, at, spec.grid)}, plan {_token_or_pad(own, at, spec.grid)}",
         )
         off_plan = claimed
+    run = _contiguous_block(claimed) if claimed.numel() and int(claimed[0]) >= 0 else None
     for name, table, ref in (("cos", cos, ref_cos), ("sin", sin, ref_sin)):
-        _compare_rows(case, RowsUnderJudgement(where, name, table, claimed, spec.grid), ref)
+        _compare_rows(case, RowsUnderJudgement(where, name, table, claimed, run, spec.grid), ref)
     return off_plan
 
 
@@ -229,6 +230,7 @@ class RowsUnderJudgement:
     name: str
     table: torch.Tensor
     claimed: torch.Tensor
+    run: slice | None  # the claimed tokens as one run of the grid (no padding), else None
     grid: tuple[int, ...]
 
 
@@ -242,9 +244,8 @@ def _compare_rows(case: CaseResult, rows: RowsUnderJudgement, ref: torch.Tensor)
     the table; any other is compared a block of rows at a time, each block's reference rows
     gathered into one reused buffer, so judging never holds a second copy of the slice."""
     table, claimed = rows.table, rows.claimed
-    run = _contiguous_block(claimed)
-    if run is not None and bool(claimed[0] >= 0):  # the common case, in one pass; NaN never equals
-        if not torch.equal(table, ref[run]):
+    if rows.run is not None:  # the common case, in one pass; NaN never equals
+        if not torch.equal(table, ref[rows.run]):
             _report_mismatch(case, rows, ref, 0)
         return
     buf = torch.empty(min(JUDGE_ROWS, len(claimed)), ref.shape[1], dtype=ref.dtype)

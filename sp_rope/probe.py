@@ -216,13 +216,14 @@ class _Probe:
         the check allocates comes between them): each must get its own table every time."""
         self.labels[variant.input] = f"{variant.field} = {variant.change.split(' -> ')[1]}"
         changed = f"{variant.field} changed alone ({variant.change})"
-        base = variant.against or self.base.input
+        base, which = self.base.input, "base"
         if variant.against is not None:
+            base, which = variant.against, "other"
             self.labels.setdefault(base, f"{variant.field} = {variant.change.split(' -> ')[0]}")
         calls = [
-            (base, f"the {'base' if variant.against is None else 'other'} call before {changed}"),
+            (base, f"the {which} call before {changed}"),
             (variant.input, f"the first call with {changed}"),
-            (base, f"the {'base' if variant.against is None else 'other'} call after {changed}"),
+            (base, f"the {which} call after {changed}"),
             (variant.input, f"the second call with {changed}"),
         ]
         got = [self.get(inp) for inp, _ in calls]

@@ -141,16 +141,10 @@ def test_a_mismatch_names_rank_scheme_first_bad_token_and_error(tmp_path):
     ), result
 
 
-def _bfloat16_exact(value: float) -> bool:
+def _exact_in(value: float, dtype: str) -> bool:
     import torch
 
-    return float(torch.tensor(value, dtype=torch.float64).to(torch.bfloat16).double()) == value
-
-
-def _float32_exact(value: float) -> bool:
-    import torch
-
-    return float(torch.tensor(value, dtype=torch.float64).to(torch.float32).double()) == value
+    return float(torch.tensor(value, dtype=torch.float64).to(getattr(torch, dtype)).double()) == value
 
 
 @pytest.mark.parametrize("seed", [1, 7, 12, 20, 90])
@@ -166,8 +160,8 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     factors = [v for c in configs for name in ("theta_rescale_factor", "interpolation_factor")
                for v in (getattr(c, name) if isinstance(getattr(c, name), tuple) else (getattr(c, name),))]
     # theta and factors a float32 or bfloat16 buffer, or a key that rounds them, would change
-    assert any(not _float32_exact(c.theta) for c in configs)
-    assert any(not _bfloat16_exact(v) for v in factors)
+    assert any(not _exact_in(c.theta, "float32") for c in configs)
+    assert any(not _exact_in(v, "bfloat16") for v in factors)
     # spatial positions past a small precomputed per-axis table
     assert max(max(c.grid[1:]) for c in configs if len(c.grid) == 3) >= 96
     # every breadth geometry (T = 1 ones included) is asked for at a causal offset != 0
