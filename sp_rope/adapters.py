@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,19 +96,43 @@ class CacheWatcher:
         if not isinstance(mapping, Mapping) and not hasattr(mapping, "keys"):
             raise ConfigError(f"--impl-cache must name a mapping, got {type(mapping).__name__}")
         self.mapping = mapping
+        # id of a tensor an entry held when its key was first seen -> that key: a call then costs
+        # one look per new key, not a scan of every entry (a sweep makes thousands of them).
+        self._holder: dict[int, Hashable] = {}
+        self._indexed: set[int] = set()  # ids of the key objects looked at
 
-    def key_for(self, returned: tuple[torch.Tensor, ...], before: set[Hashable]) -> Hashable | None:
+    def _held(self, key: Hashable) -> tuple[torch.Tensor, ...]:
+        value = self.mapping[key]
+        if isinstance(value, (tuple, list)):
+            held: Iterable[object] = value
+        elif isinstance(value, torch.Tensor):
+            held = (value,)
+        else:  # a record such as a RopeSlice: its tensor attributes
+            held = vars(value).values() if hasattr(value, "__dict__") else ()
+        return tuple(h for h in held if isinstance(h, torch.Tensor))
+
+    def key_for(self, returned: tuple[torch.Tensor, ...], before: set[int]) -> Hashable | None:
+        keys = list(self.mapping.keys())
+        present = {id(key) for key in keys}
+        for key in keys:
+            if id(key) not in self._indexed:
+                self._indexed.add(id(key))
+                self._holder.update((id(t), key) for t in self._held(key))
         # The entry that holds the very tensors returned is the one that was used...
-        for key, value in list(self.mapping.items()):
-            held = value if isinstance(value, (tuple, list)) else (value,)
-            if any(any(h is r for r in returned) for h in held if isinstance(h, torch.Tensor)):
+        for r in returned:
+            key = self._holder.get(id(r))
+            if key is not None and id(key) in present and any(h is r for h in self._held(key)):
+                return key
+        for key in keys:  # (an entry whose value was replaced, or whose key took a freed key's id)
+            if any(h is r for h in self._held(key) for r in returned):
                 return key
         # ... unless the implementation hands out copies: then the key it just added.
-        added = [key for key in list(self.mapping.keys()) if key not in before]
+        added = [key for key in keys if id(key) not in before]
         return added[-1] if added else None
 
-    def snapshot(self) -> set[Hashable]:
-        return set(self.mapping.keys())
+    def snapshot(self) -> set[int]:
+        """The ids of the keys held now (ids: hashing every key per call would cost more)."""
+        return {id(key) for key in self.mapping.keys()}
 
 
 def as_passed(factors: tuple[float, ...]) -> float | list[float]:

@@ -385,12 +385,18 @@ def _absorb(rr: RankRun, case_index: int, scratch: CaseResult) -> None:
 
 
 def _probe(rr: RankRun) -> list[CaseResult]:
-    """The key-completeness probe, its fields spread over the ranks."""
-    from .probe import probe_keys
+    """The key-completeness probe, its fields spread over the ranks but the last, which runs the
+    eviction sweep (about as long as all the fields together)."""
+    from .probe import probe_eviction, probe_keys
 
     world, rank = rr.job.env.world_size, rr.job.rank
+    spread = max(world - 1, 1)
     with phase("key-completeness probe"):
-        return probe_keys(rr.provider, rr.job.device, only=lambda i: i % world == rank)
+        cases = probe_keys(rr.provider, rr.job.device, only=lambda i: rank < spread and i % spread == rank)
+    if rank == world - 1:
+        with phase("cache eviction sweep"):
+            cases.append(probe_eviction(rr.provider, rr.job.device))
+    return cases
 
 
 def _nothing_to_run(cases: list[Case]) -> str:

@@ -4,7 +4,7 @@ A cache key that forgets a field (a grid axis, theta, one element of a per-axis 
 layout, the SP rank...) hands the table cached for one input to a call with another. The matrix
 finds that only where two of its cases happen to differ in exactly that field on one rank; the
 probe makes them differ on purpose. From a small base input it varies each field alone,
-interleaving calls (base, variant, base, variant), and judges every returned table against the
+mixing their calls (base, variant, variant, base), and judges every returned table against the
 float64 oracle at its tokens, those tokens against the plan's, and, when a table is wrong,
 whether it is the very table (by content digest) an earlier call got for another input:
 
@@ -171,7 +171,7 @@ class _Probe:
         """One call with fresh objects equal to ``inp``'s, dropped right after: a cache keyed on
         ``id()`` of its arguments meets ids that other inputs' objects reused. (They are dropped
         in the reverse of their creation order, so the next call's objects, made in the same
-        order, take the same memory and ids: the next call is another input's every other time.)"""
+        order, take the same memory and ids, or the pair's ids swapped.)"""
         spec = inp.spec.replace()
         plan = replace(inp.plan)
         try:
@@ -212,19 +212,21 @@ class _Probe:
                                        f"{inp.sp_rank} of {inp.sp_size}")
 
     def field(self, case: CaseResult, variant: Variant) -> None:
-        """Base and variant calls, interleaved and back to back (judged afterwards, so nothing
-        the check allocates comes between them): each must get its own table every time."""
+        """Base and variant calls, base-variant-variant-base and back to back (judged afterwards,
+        so nothing the check allocates comes between them): each must get its own table every time."""
         self.labels[variant.input] = f"{variant.field} = {variant.change.split(' -> ')[1]}"
         changed = f"{variant.field} changed alone ({variant.change})"
         base, which = self.base.input, "base"
         if variant.against is not None:
             base, which = variant.against, "other"
             self.labels.setdefault(base, f"{variant.field} = {variant.change.split(' -> ')[0]}")
+        # Each input at an even and an odd position: arguments whose ids (or the adapter's) swap
+        # between two addresses every call still give the variant an id the base had.
         calls = [
             (base, f"the {which} call before {changed}"),
             (variant.input, f"the first call with {changed}"),
-            (base, f"the {which} call after {changed}"),
             (variant.input, f"the second call with {changed}"),
+            (base, f"the {which} call after {changed}"),
         ]
         got = [self.get(inp) for inp, _ in calls]
         for (inp, what), sl in zip(calls, got):
@@ -236,10 +238,14 @@ def _case(name: str, inp: ProbeInput) -> CaseResult:
     return CaseResult("probe", name, inp.sp_size, s.start_frame, s.dtype, s.layout)
 
 
+def _base(provider: Provider) -> Base:
+    return next((b for b in BASES if provider.skip_reason(b.input.spec, b.input.plan) is None), BASES[0])
+
+
 def probe_keys(provider: Provider, device: str, only: Callable[[int], bool] | None = None) -> list[CaseResult]:
     """One case for the base input (index 0) and one per varied field (indices 1...), those that
     ``only`` selects; an input the provider cannot express is a skipped case, never a pass."""
-    base = next((b for b in BASES if provider.skip_reason(b.input.spec, b.input.plan) is None), BASES[0])
+    base = _base(provider)
     todo = [Variant("base", base.input, "")] + variants(base)
     chosen = [v for i, v in enumerate(todo) if only is None or only(i)]
     cases = [_case(v.field, v.input) for v in chosen]
@@ -262,3 +268,56 @@ def probe_keys(provider: Provider, device: str, only: Callable[[int], bool] | No
             continue
         probe.field(case, variant)
     return cases
+
+
+EVICTION_DEPTH = 1024  # distinct inputs asked for in a row: more than any cache bounded below it holds
+EVICTION_ORACLE_EVERY = 64  # first-pass tables also judged against the formula (the rest by digest)
+
+
+def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH) -> CaseResult:
+    """``depth`` distinct inputs in a row (the base input at theta + 1, + 2, ...), then all of them
+    again, most recent first. A cache bounded below ``depth`` entries has to evict; one that
+    evicts the wrong value, or leaves a stale index behind, then hands an input another input's
+    table (``stale-after-eviction``). The matrix's own run makes a few hundred keys per rank, too
+    few to fill a cache of 512. Every first-pass table must differ from all earlier ones; every
+    second-pass table must be the one its input got first (each ``EVICTION_ORACLE_EVERY``-th is
+    also judged against the formula: a wrong fresh build is the matrix's to find)."""
+    base = _base(provider).input
+    case = _case(f"cache eviction ({depth} inputs)", base)
+    reason = provider.skip_reason(base.spec, base.plan)
+    if reason is not None:
+        case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
+        return case
+    probe = _Probe(provider, device, _base(provider))
+    inputs = [base.with_spec(theta=base.spec.theta + 1 + k) for k in range(depth)]
+    owner: dict[tuple[object, ...], int] = {}  # digest -> the input that got it first
+    first: list[tuple[object, ...]] = []
+
+    def name(k: int) -> str:
+        return f"input {k + 1} of {depth} (theta {inputs[k].spec.theta:g})"
+
+    for k, inp in enumerate(inputs):
+        sl = probe.get(inp)
+        if isinstance(sl, Exception) or k % EVICTION_ORACLE_EVERY == 0:
+            probe.judge(case, inp, f"the first call for {name(k)}", sl)
+        if isinstance(sl, Exception) or case.diagnoses:
+            return case
+        digest = content_digest(sl.cos, sl.sin)
+        if digest in owner:
+            case.fail("stale-after-eviction", f"the first call for {name(k)} got the table of {name(owner[digest])} "
+                                              f"after {k} other inputs")
+            return case
+        owner[digest] = k
+        first.append(digest)
+    for k in reversed(range(depth)):
+        sl = probe.get(inputs[k])
+        if isinstance(sl, Exception):
+            probe.judge(case, inputs[k], f"the second call for {name(k)}", sl)
+            return case
+        digest = content_digest(sl.cos, sl.sin)
+        if digest != first[k]:
+            got = f"the table of {name(owner[digest])}" if digest in owner else "another table than the first time"
+            case.fail("stale-after-eviction", f"the second call for {name(k)} (after all {depth}, then "
+                                              f"{depth - 1 - k} of them again, most recent first) got {got}")
+            return case
+    return case

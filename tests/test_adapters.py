@@ -11,7 +11,8 @@ import torch
 from helpers import REPO, check
 
 from sp_rope import RopeSpec, ShardPlan, build_table
-from sp_rope.adapters import DiffusersWanProvider, load_object, make_provider
+from sp_rope.adapters import CacheWatcher, DiffusersWanProvider, load_object, make_provider
+from sp_rope.cache import RopeSlice
 from sp_rope.oracle import oracle_table, tolerance
 
 FASTVIDEO = REPO / "sp_rope" / "mutants" / "fastvideo.py"
@@ -134,7 +135,7 @@ def test_diffusers_wan_job_passes_and_skips_what_it_cannot_express(tmp_path):
     probed = {c["scheme"] for c in every_case if c["config"] == "probe" and c["status"] == "passed"}
     assert probed == {
         "base", "grid[0]", "grid[1]", "grid[2]", "grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "theta", "theta (+0.1)",
-        "sp_rank", "sp_size",
+        "sp_rank", "sp_size", "cache eviction (1024 inputs)",
     }
     reasons = " ".join(c["details"][0] for c in cases if c["status"] == "skipped")
     assert "no start_frame" in reasons and "not zigzag" in reasons and "float32 tables only" in reasons
@@ -180,3 +181,18 @@ def test_diffusers_wan_bad_impl_is_a_usage_error(tmp_path, impl, impl_cache, mes
     result = check(*args, timeout=120)
     assert result.code == 2, result
     assert message in result.err and "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1, result
+
+
+def test_the_cache_watcher_names_the_entry_that_served_each_call():
+    pair, record = (torch.zeros(3), torch.ones(3)), RopeSlice(torch.zeros(2), torch.ones(2), torch.arange(2))
+    mapping: dict[object, object] = {"pair": pair, "record": record}
+    watcher = CacheWatcher(mapping)
+    assert watcher.key_for(pair, watcher.snapshot()) == "pair"
+    assert watcher.key_for((record.cos, record.sin), watcher.snapshot()) == "record"
+    before = watcher.snapshot()
+    mapping["copied"] = (torch.full((3,), 2.0), torch.full((3,), 3.0))  # the call handed out copies
+    assert watcher.key_for((mapping["copied"][0].clone(), mapping["copied"][1].clone()), before) == "copied"
+    mapping["pair"] = replaced = (torch.zeros(3), torch.ones(3))  # a new value under a known key
+    assert watcher.key_for(replaced, watcher.snapshot()) == "pair"
+    del mapping["record"]  # an evicted entry is never named, even for its old tensors
+    assert watcher.key_for((record.cos, record.sin), watcher.snapshot()) is None

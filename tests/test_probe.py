@@ -10,7 +10,7 @@ from sp_rope.adapters import DiffusersWanProvider, make_provider
 from sp_rope.cache import RopeSlice
 from sp_rope.mutants import catalog
 from sp_rope.mutants.native import NativeRope
-from sp_rope.probe import probe_keys
+from sp_rope.probe import EVICTION_DEPTH, probe_eviction, probe_keys
 from sp_rope.providers import NativeProvider, Provider, SpRopeProvider
 from sp_rope.report import CaseResult
 from sp_rope.tables import build_table
@@ -265,3 +265,50 @@ def test_theta_held_in_float32_for_a_float64_table_is_an_oracle_mismatch_every_r
         return RopeSlice(*build_table(narrowed, tokens), tokens)
 
     assert _failures(probe_keys(NativeProvider(rope, "float32 theta"), "cpu")) == {"theta (+0.1)": ["oracle-mismatch"]}
+
+
+class _Lru:
+    """A bounded cache of correct tables; ``misaligned``: on eviction it drops the oldest key but
+    the newest value, so every later hit past the dropped slot gets its neighbour's table."""
+
+    def __init__(self, capacity: int, misaligned: bool) -> None:
+        self.capacity, self.misaligned = capacity, misaligned
+        self.keys: list[object] = []
+        self.values: list[RopeSlice] = []
+
+    def __call__(self, spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        key = (spec, plan, sp_rank, sp_size)
+        if key in self.keys:
+            i = self.keys.index(key)
+            self.keys.append(self.keys.pop(i))
+            self.values.append(self.values.pop(i))
+        else:
+            tokens = plan.indices(spec.grid, sp_rank, sp_size)
+            self.keys.append(key)
+            self.values.append(RopeSlice(*build_table(spec, tokens), tokens))
+            if len(self.keys) > self.capacity:
+                self.keys.pop(0)
+                self.values.pop(-2 if self.misaligned else 0)
+        return self.values[-1]
+
+
+@pytest.mark.parametrize("capacity", [3, 100, EVICTION_DEPTH - 24])
+def test_a_bounded_cache_that_evicts_the_wrong_value_is_stale_after_eviction(capacity):
+    case = probe_eviction(NativeProvider(_Lru(capacity, misaligned=True), "misaligned lru"), "cpu")
+    assert case.diagnoses == ["stale-after-eviction"], case.details
+    assert "got the table of input" in case.details[0], case.details
+
+
+@pytest.mark.parametrize("capacity", [3, 100, 2 * EVICTION_DEPTH])
+def test_a_correct_bounded_cache_passes_the_eviction_sweep(capacity):
+    case = probe_eviction(NativeProvider(_Lru(capacity, misaligned=False), "lru"), "cpu")
+    assert case.status == "passed" and case.scheme == f"cache eviction ({EVICTION_DEPTH} inputs)", case.details
+
+
+def test_an_eviction_sweep_sees_a_wrong_fresh_table():
+    def rope(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        tokens = plan.indices(spec.grid, sp_rank, sp_size)
+        return RopeSlice(*build_table(spec.replace(theta=spec.theta + 0.5), tokens), tokens)
+
+    case = probe_eviction(NativeProvider(rope, "theta off by a half"), "cpu", depth=8)
+    assert case.diagnoses == ["oracle-mismatch"] and "input 1 of 8" in case.details[0], case.details
