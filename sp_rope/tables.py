@@ -14,6 +14,7 @@ Bit-exactness with FastVideo's builder rests on three facts:
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -98,10 +99,41 @@ def build_table(spec: RopeSpec, indices: torch.Tensor | None = None, out: Table 
     return cos, sin
 
 
+# Per-axis tables, by everything that shapes one: a sweep builds the same axes for every scheme,
+# SP size, rank and re-entry of a spec, and each build would otherwise spend most of its time
+# here. Read-only once stored (the fills only read them); small (sum(grid) rows), so many fit.
+_AXIS_MEMO: dict[tuple[object, ...], Table] = {}
+_AXIS_MEMO_SIZE = 1024
+_AXIS_MEMO_LOCK = threading.Lock()
+
+
+def _axis_key(spec: RopeSpec, axis: int) -> tuple[object, ...]:
+    return (
+        spec.grid[axis],
+        spec.rope_dim_list[axis],
+        spec.theta,
+        spec.theta_rescale_factor[axis],  # type: ignore[index]
+        spec.interpolation_factor[axis],  # type: ignore[index]
+        spec.start_frame if axis == 0 else 0,  # only time is shifted
+        spec.dtype,
+        spec.layout == "interleaved",
+    )
+
+
 def _axis_tables(spec: RopeSpec) -> list[Table]:
-    tables = [axis_table(spec, axis) for axis in range(len(spec.grid))]
-    if spec.layout == "interleaved":
-        tables = [(c.repeat_interleave(2, dim=1), s.repeat_interleave(2, dim=1)) for c, s in tables]
+    tables = []
+    for axis in range(len(spec.grid)):
+        key = _axis_key(spec, axis)
+        with _AXIS_MEMO_LOCK:
+            table = _AXIS_MEMO.get(key)
+        if table is None:
+            c, s = axis_table(spec, axis)
+            table = (c.repeat_interleave(2, dim=1), s.repeat_interleave(2, dim=1)) if key[-1] else (c, s)
+            with _AXIS_MEMO_LOCK:
+                if len(_AXIS_MEMO) >= _AXIS_MEMO_SIZE:
+                    del _AXIS_MEMO[next(iter(_AXIS_MEMO))]  # the oldest
+                _AXIS_MEMO[key] = table
+        tables.append(table)
     return tables
 
 

@@ -381,3 +381,31 @@ def test_build_table_rejects_a_wrong_out(bad) -> None:  # type: ignore[no-untype
     idx = torch.arange(4)
     with pytest.raises(ValueError, match=r"^out: expected contiguous CPU \[4, 16\] float64"):
         build_table(spec, idx, out=(bad(4, spec.width), torch.empty(4, spec.width, dtype=torch.float64)))
+
+
+def _axis_variants(base: RopeSpec) -> list[RopeSpec]:
+    """``base`` with one thing that shapes a per-axis table changed (each axis of each field)."""
+    out = [base.replace(theta=base.theta + 0.1), base.replace(start_frame=base.start_frame + 1)]
+    for axis in range(3):
+        grid = tuple(n + 2 if a == axis else n for a, n in enumerate(base.grid))
+        out.append(base.replace(grid=grid))
+        for name in ("theta_rescale_factor", "interpolation_factor"):
+            values = getattr(base, name)
+            out.append(base.replace(**{name: tuple(v * 1.5 if a == axis else v for a, v in enumerate(values))}))
+    dims = list(base.rope_dim_list)
+    dims[0], dims[1] = dims[0] + 4, dims[1] - 4
+    out.append(base.replace(rope_dim_list=tuple(dims)))
+    out += [base.replace(dtype="float32"), base.replace(layout="half"), base.replace(layout="neox")]
+    return out
+
+
+def test_per_axis_tables_built_for_one_spec_never_serve_another() -> None:
+    # The builder reuses per-axis tables across builds: right after the base's build, each
+    # variant's table must still be its own (judged by the independent formula).
+    base = RopeSpec((4, 2, 6), (8, 12, 4), theta=500.0, theta_rescale_factor=(2.0, 1.5, 0.5),
+                    interpolation_factor=(0.5, 0.75, 1.5), start_frame=3)
+    tokens = ShardPlan("zigzag", axis=0).indices(base.grid, 1, 2)
+    for spec in _axis_variants(base):
+        build_table(base, tokens)
+        for got, want in zip(build_table(spec, tokens), oracle_table(spec, tokens)):
+            assert float((got.double() - want).abs().max()) <= tolerance(spec), spec
