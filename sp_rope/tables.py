@@ -101,9 +101,11 @@ def build_table(spec: RopeSpec, indices: torch.Tensor | None = None, out: Table 
 
 # Per-axis tables, by everything that shapes one: a sweep builds the same axes for every scheme,
 # SP size, rank and re-entry of a spec, and each build would otherwise spend most of its time
-# here. Read-only once stored (the fills only read them); small (sum(grid) rows), so many fit.
+# here. Read-only once stored (the fills only read them). Only small ones are kept (a 1-D
+# sequence's axis table is its whole table), so the memo holds at most 64 MiB.
 _AXIS_MEMO: dict[tuple[object, ...], Table] = {}
-_AXIS_MEMO_SIZE = 1024
+_AXIS_MEMO_SIZE = 256
+_AXIS_MEMO_MAX_BYTES = 256 * 1024  # per axis (cos + sin); a 720p axis is 160 KiB
 _AXIS_MEMO_LOCK = threading.Lock()
 
 
@@ -121,20 +123,24 @@ def _axis_key(spec: RopeSpec, axis: int) -> tuple[object, ...]:
 
 
 def _axis_tables(spec: RopeSpec) -> list[Table]:
-    tables = []
-    for axis in range(len(spec.grid)):
-        key = _axis_key(spec, axis)
+    return [_layout_axis_table(spec, axis) for axis in range(len(spec.grid))]
+
+
+def _layout_axis_table(spec: RopeSpec, axis: int) -> Table:
+    """One axis's table with the layout's column order applied, from the memo when it holds it."""
+    key = _axis_key(spec, axis)
+    with _AXIS_MEMO_LOCK:
+        table = _AXIS_MEMO.get(key)
+    if table is not None:
+        return table
+    c, s = axis_table(spec, axis)
+    table = (c.repeat_interleave(2, dim=1), s.repeat_interleave(2, dim=1)) if spec.layout == "interleaved" else (c, s)
+    if 2 * table[0].numel() * table[0].element_size() <= _AXIS_MEMO_MAX_BYTES:
         with _AXIS_MEMO_LOCK:
-            table = _AXIS_MEMO.get(key)
-        if table is None:
-            c, s = axis_table(spec, axis)
-            table = (c.repeat_interleave(2, dim=1), s.repeat_interleave(2, dim=1)) if key[-1] else (c, s)
-            with _AXIS_MEMO_LOCK:
-                if len(_AXIS_MEMO) >= _AXIS_MEMO_SIZE:
-                    del _AXIS_MEMO[next(iter(_AXIS_MEMO))]  # the oldest
-                _AXIS_MEMO[key] = table
-        tables.append(table)
-    return tables
+            if len(_AXIS_MEMO) >= _AXIS_MEMO_SIZE:
+                del _AXIS_MEMO[next(iter(_AXIS_MEMO))]  # the oldest
+            _AXIS_MEMO[key] = table
+    return table
 
 
 # A slab (one index of the first axis) is copied whole only when it is at least this big, so the
