@@ -135,6 +135,28 @@ class CacheWatcher:
         return {id(key) for key in self.mapping.keys()}
 
 
+HEADS = 12  # heads_num passed to the fastvideo convention (hidden_size = HEADS x head_dim), as in Wan 1.3B
+
+
+class ArgumentMutationError(ValueError):
+    """The implementation changed an argument it was passed, in place."""
+
+
+@contextlib.contextmanager
+def unchanged(name: str, **arguments: list[int]) -> Iterator[None]:
+    """The lists passed must come back as they went in: a model reuses its ``rope_sizes`` and
+    ``rope_dim_list`` from step to step, so a callee that shards them in place (``sizes[d] //=
+    world``) hands the next step another geometry, though its own tables were right."""
+    before = {key: list(value) for key, value in arguments.items()}
+    yield
+    for key, value in arguments.items():
+        if value != before[key]:
+            raise ArgumentMutationError(
+                f"{name} changed its {key} argument in place ({before[key]} -> {value}); "
+                "callers reuse it for the next step"
+            )
+
+
 def as_passed(factors: tuple[float, ...]) -> float | list[float]:
     """A per-axis factor as callers usually pass it: a scalar when every axis has the same one
     (RopeSpec normalizes both spellings to one value per axis), else the list."""
@@ -183,12 +205,13 @@ class FastVideoProvider(Provider):
                 module_globals["get_sp_group"] = saved
 
     def _call(self, spec: RopeSpec, shard_dim: int, group: _Group, sharded: bool) -> tuple[torch.Tensor, ...]:
-        with self._sp_group(group):
+        sizes, dims = list(spec.grid), list(spec.rope_dim_list)
+        with self._sp_group(group), unchanged(self.name, rope_sizes=sizes, rope_dim_list=dims):
             return self.fn(  # type: ignore[no-any-return]
-                list(spec.grid),
-                spec.head_dim,
-                1,
-                list(spec.rope_dim_list),
+                sizes,
+                spec.head_dim * HEADS,  # hidden_size: all heads, as a model passes it
+                HEADS,
+                dims,
                 spec.theta,
                 theta_rescale_factor=as_passed(spec.theta_rescale_factor),  # type: ignore[arg-type]
                 interpolation_factor=as_passed(spec.interpolation_factor),  # type: ignore[arg-type]
@@ -229,19 +252,21 @@ class FastVideoNdProvider(Provider):
         return FastVideoProvider.skip_reason(self, spec, plan)  # type: ignore[arg-type]
 
     def _build(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
-        cos, sin = self.fn(
-            list(spec.rope_dim_list),
-            list(spec.grid),
-            theta=spec.theta,
-            theta_rescale_factor=as_passed(spec.theta_rescale_factor),  # type: ignore[arg-type]
-            interpolation_factor=as_passed(spec.interpolation_factor),  # type: ignore[arg-type]
-            shard_dim=0 if plan.axis is None else plan.axis,
-            sp_rank=sp_rank,
-            sp_world_size=sp_size,
-            dtype=spec.torch_dtype,
-            start_frame=spec.start_frame,
-            use_real=spec.layout == "interleaved",
-        )
+        sizes, dims = list(spec.grid), list(spec.rope_dim_list)
+        with unchanged(self.name, rope_dim_list=dims, rope_sizes=sizes):
+            cos, sin = self.fn(
+                dims,
+                sizes,
+                theta=spec.theta,
+                theta_rescale_factor=as_passed(spec.theta_rescale_factor),  # type: ignore[arg-type]
+                interpolation_factor=as_passed(spec.interpolation_factor),  # type: ignore[arg-type]
+                shard_dim=0 if plan.axis is None else plan.axis,
+                sp_rank=sp_rank,
+                sp_world_size=sp_size,
+                dtype=spec.torch_dtype,
+                start_frame=spec.start_frame,
+                use_real=spec.layout == "interleaved",
+            )
         self._returned[(spec, plan, sp_rank, sp_size, device)] = [(t, t._version) for t in (cos, sin)]
         return RopeSlice(cos.to(device), sin.to(device), plan.indices(spec.grid, sp_rank, sp_size))
 

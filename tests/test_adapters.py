@@ -196,3 +196,34 @@ def test_the_cache_watcher_names_the_entry_that_served_each_call():
     assert watcher.key_for(replaced, watcher.snapshot()) == "pair"
     del mapping["record"]  # an evicted entry is never named, even for its old tensors
     assert watcher.key_for((record.cos, record.sin), watcher.snapshot()) is None
+
+
+SHARDS_IN_PLACE = """
+import torch
+from sp_rope import RopeSpec, ShardPlan, build_table
+
+def get_sp_group():
+    raise AssertionError("the check did not substitute get_sp_group")
+
+def fastvideo(rope_sizes, hidden_size, heads_num, rope_dim_list, rope_theta, theta_rescale_factor=1.0,
+              interpolation_factor=1.0, shard_dim=0, do_sp_sharding=False, dtype=torch.float32,
+              start_frame=0, use_real=True):
+    assert sum(rope_dim_list) == hidden_size // heads_num
+    g = get_sp_group()
+    spec = RopeSpec(tuple(rope_sizes), tuple(rope_dim_list), theta=rope_theta, start_frame=start_frame,
+                    dtype=str(dtype).removeprefix("torch."), layout="interleaved" if use_real else "half")
+    world = g.world_size if do_sp_sharding else 1
+    tokens = ShardPlan("contiguous", axis=shard_dim).indices(spec.grid, g.rank_in_group if world > 1 else 0, world)
+    rope_sizes[shard_dim] //= world  # "this rank's part of the grid", written into the caller's list
+    return build_table(spec, tokens)
+"""
+
+
+def test_a_function_that_shards_its_rope_sizes_argument_in_place_is_named(tmp_path):
+    path = tmp_path / "shards_in_place.py"
+    path.write_text(SHARDS_IN_PLACE)
+    provider = make_provider(f"{path}:fastvideo", "fastvideo", None)
+    spec = RopeSpec((4, 2, 6), (8, 12, 4), dtype="float32")
+    assert provider.full(spec, "cpu").cos.shape == (48, 24)  # unsharded: the list comes back as it went
+    with pytest.raises(ValueError, match=r"changed its rope_sizes argument in place \(\[4, 2, 6\] -> \[2, 2, 6\]\)"):
+        provider.get(spec, ShardPlan("contiguous", axis=0), 1, 2, "cpu")
