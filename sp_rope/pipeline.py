@@ -386,8 +386,8 @@ def _absorb(rr: RankRun, case_index: int, scratch: CaseResult) -> None:
 
 def _probe(rr: RankRun) -> list[CaseResult]:
     """The key-completeness probe, its fields spread over the ranks but the last, which runs the
-    eviction sweep (about as long as all the fields together)."""
-    from .probe import probe_eviction, probe_keys
+    eviction sweep (about as long as all the fields together) and the hot-key calls."""
+    from .probe import probe_eviction, probe_hot_keys, probe_keys
 
     world, rank = rr.job.env.world_size, rr.job.rank
     spread = max(world - 1, 1)
@@ -396,6 +396,8 @@ def _probe(rr: RankRun) -> list[CaseResult]:
     if rank == world - 1:
         with phase("cache eviction sweep"):
             cases.append(probe_eviction(rr.provider, rr.job.device))
+        with phase("hot keys"):
+            cases.append(probe_hot_keys(rr.provider, rr.job.device))
     return cases
 
 

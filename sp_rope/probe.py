@@ -296,11 +296,12 @@ def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH)
     def name(k: int) -> str:
         return f"input {k + 1} of {depth} (theta {inputs[k].spec.theta:g})"
 
+    held = Held(case)
     for k, inp in enumerate(inputs):
         sl = probe.get(inp)
         if isinstance(sl, Exception) or k % EVICTION_ORACLE_EVERY == 0:
             probe.judge(case, inp, f"the first call for {name(k)}", sl)
-        if isinstance(sl, Exception) or case.diagnoses:
+        if isinstance(sl, Exception) or case.diagnoses or not held.keep(name(k), sl):
             return case
         digest = content_digest(sl.cos, sl.sin)
         if digest in owner:
@@ -309,6 +310,8 @@ def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH)
             return case
         owner[digest] = k
         first.append(digest)
+    if not held.release_all():
+        return case
     for k in reversed(range(depth)):
         sl = probe.get(inputs[k])
         if isinstance(sl, Exception):
@@ -320,4 +323,69 @@ def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH)
             case.fail("stale-after-eviction", f"the second call for {name(k)} (after all {depth}, then "
                                               f"{depth - 1 - k} of them again, most recent first) got {got}")
             return case
+    return case
+
+
+HELD_CALLS = 16  # the sweep holds each table this many further calls, as a forward pass holds its own
+
+
+class Held:
+    """Tables the caller still holds, with copies of what they were: a cache that recycles an
+    evicted entry's memory (an arena, a pool of buffers) rewrites a table still in use."""
+
+    def __init__(self, case: CaseResult, window: int = HELD_CALLS) -> None:
+        self.case, self.window = case, window
+        self.tables: list[tuple[str, RopeSlice, torch.Tensor, torch.Tensor]] = []
+
+    def keep(self, name: str, sl: RopeSlice) -> bool:
+        """Hold ``sl``; release the oldest beyond the window. False once a held table changed."""
+        self.tables.append((name, sl, sl.cos.detach().clone(), sl.sin.detach().clone()))
+        return self._release(len(self.tables) - self.window)
+
+    def release_all(self) -> bool:
+        return self._release(len(self.tables))
+
+    def _release(self, count: int) -> bool:
+        gone, self.tables = self.tables[: max(count, 0)], self.tables[max(count, 0) :]
+        for name, sl, cos, sin in gone:
+            if not (torch.equal(sl.cos, cos) and torch.equal(sl.sin, sin)):
+                self.case.fail("overwritten-after-return", f"the table returned for {name} changed while the "
+                                                           f"caller held it for {self.window} more calls")
+                return False
+        return True
+
+
+HOT_CALLS = 64  # calls per input: more than a 50-step denoising loop makes of one key
+
+
+def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> CaseResult:
+    """Two inputs of one shape and dtype (the base, and theta + 1) asked for alternately, ``calls``
+    times each, as a long denoising loop with CFG asks for its tables: past any warm-up or
+    promotion threshold of a cache (an entry moved to a static buffer after N hits, say). Every
+    call must return the table its input's first call got (``unstable-across-steps``), and those
+    first tables, held to the end, must not change (``overwritten-after-return``)."""
+    base = _base(provider)
+    inputs = (base.input, base.input.with_spec(theta=base.input.spec.theta + 1))
+    case = _case(f"hot keys ({calls} calls each)", base.input)
+    reason = provider.skip_reason(base.input.spec, base.input.plan)
+    if reason is not None:
+        case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
+        return case
+    probe = _Probe(provider, device, base)
+    names = ("the base input", f"theta {inputs[1].spec.theta:g}")
+    held = Held(case, window=2 * calls)
+    for step in range(calls):
+        for which, inp in enumerate(inputs):
+            sl = probe.get(inp)
+            what = f"call {step + 1} of {calls} for {names[which]}"
+            if isinstance(sl, Exception) or step == 0:
+                probe.judge(case, inp, what, sl)
+            if isinstance(sl, Exception) or case.diagnoses:
+                return case
+            if step == 0:
+                held.keep(names[which], sl)
+            elif not (torch.equal(sl.cos, held.tables[which][2]) and torch.equal(sl.sin, held.tables[which][3])):
+                case.fail("unstable-across-steps", f"{what} returned another table than its first call")
+                return case
+    held.release_all()
     return case

@@ -10,7 +10,7 @@ from sp_rope.adapters import DiffusersWanProvider, make_provider
 from sp_rope.cache import RopeSlice
 from sp_rope.mutants import catalog
 from sp_rope.mutants.native import NativeRope
-from sp_rope.probe import EVICTION_DEPTH, probe_eviction, probe_keys
+from sp_rope.probe import EVICTION_DEPTH, HOT_CALLS, probe_eviction, probe_hot_keys, probe_keys
 from sp_rope.providers import NativeProvider, Provider, SpRopeProvider
 from sp_rope.report import CaseResult
 from sp_rope.tables import build_table
@@ -312,3 +312,64 @@ def test_an_eviction_sweep_sees_a_wrong_fresh_table():
 
     case = probe_eviction(NativeProvider(rope, "theta off by a half"), "cpu", depth=8)
     assert case.diagnoses == ["oracle-mismatch"] and "input 1 of 8" in case.details[0], case.details
+
+
+class _Recycling(_Lru):
+    """A correct 8-entry LRU that builds each new table into the memory of the entry it evicts
+    (through fresh tensors over the same storage), while callers may still hold that table."""
+
+    def __call__(self, spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        key = (spec, plan, sp_rank, sp_size)
+        if key in self.keys:
+            return self.values[self.keys.index(key)]
+        tokens = plan.indices(spec.grid, sp_rank, sp_size)
+        cos, sin = build_table(spec, tokens)
+        if len(self.keys) == self.capacity:
+            self.keys.pop(0)
+            old = self.values.pop(0)
+            cos = old.cos.new_empty(0).set_(old.cos.untyped_storage(), 0, cos.shape).copy_(cos)
+            sin = old.sin.new_empty(0).set_(old.sin.untyped_storage(), 0, sin.shape).copy_(sin)
+        self.keys.append(key)
+        self.values.append(RopeSlice(cos, sin, tokens))
+        return self.values[-1]
+
+
+def test_a_cache_that_recycles_evicted_memory_rewrites_a_held_table():
+    case = probe_eviction(NativeProvider(_Recycling(8, misaligned=False), "recycling"), "cpu")
+    assert case.diagnoses == ["overwritten-after-return"], case.details
+    assert "input 1 of" in case.details[0] and "changed while the caller held it" in case.details[0], case.details
+
+
+class _Promoting:
+    """Correct tables, but after ``after`` hits an entry moves into one static buffer per shape and
+    dtype, which the next promoted entry of that shape overwrites."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.entries, self.hits, self.static = after, {}, {}, {}
+
+    def __call__(self, spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        key = (spec, plan, sp_rank, sp_size)
+        if key not in self.entries:
+            tokens = plan.indices(spec.grid, sp_rank, sp_size)
+            self.entries[key], self.hits[key] = RopeSlice(*build_table(spec, tokens), tokens), 0
+        self.hits[key] += 1
+        entry = self.entries[key]
+        if self.hits[key] == self.after:
+            shape = (entry.cos.shape, entry.cos.dtype)
+            cos, sin = self.static.setdefault(shape, (entry.cos.clone(), entry.sin.clone()))
+            cos.copy_(entry.cos), sin.copy_(entry.sin)
+            self.entries[key] = entry = RopeSlice(cos, sin, entry.indices)
+        return entry
+
+
+@pytest.mark.parametrize("after", [2, 33, HOT_CALLS - 1])
+def test_an_entry_that_changes_after_many_hits_is_caught_by_the_hot_keys(after):
+    case = probe_hot_keys(NativeProvider(_Promoting(after), "promoting"), "cpu")
+    assert case.status == "failed", case.details
+    assert set(case.diagnoses) <= {"unstable-across-steps", "overwritten-after-return"}, case.details
+
+
+def test_sp_rope_itself_passes_the_cache_probes():
+    for probe in (probe_eviction, probe_hot_keys):
+        case = probe(SpRopeProvider(), "cpu")
+        assert case.status == "passed", case.details
