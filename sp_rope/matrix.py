@@ -12,7 +12,10 @@ The default matrix is built to leave no plausible bug standing, not to look tidy
 - **Breadth geometries** (default run only): fixed ones with unequal dims, theta != 1e4, factors
   != 1 on every axis (t included) spelled as scalars and as lists, theta and factors not exact in
   float32 or bfloat16, T = 1, a 96 x 96 grid, several head dims, plain ones a restricted
-  convention can express; plus seeded random geometries. Each runs at a causal offset != 0 too.
+  convention can express; h and w equal in size and dims but not factors; seeded random
+  geometries (split zigzag along a spatial long axis too: token order not row-major); sequences
+  that do not divide (35 and 5 tokens, flat with padding and uneven); Wan 720p's latent at its
+  real size. Each runs at a causal offset != 0 too.
 - **Call patterns**: calls per (family, start_frame) vary with the seed; the second pass revisits
   start_frames in a seeded order; one deep sweep of 40 block-causal start_frames (0, T, 2T, ...)
   split along t on a tiny grid evicts a 32-entry cache and then re-enters it.
@@ -154,8 +157,48 @@ def families(matrix: Matrix, world_size: int, seed: int, breadth: bool) -> list[
     if breadth:
         for config in breadth_configs(rng):
             out.extend(_seeded_families(config, matrix, layouts, rng))
+        out.extend(ragged_families(layouts, matrix))
+        out.extend(large_families(layouts, matrix))
         out.append(deep_sweep(layouts[0], matrix))
     return out
+
+
+def _plain(matrix: Matrix) -> tuple[str, str]:
+    dtype = "float32" if "float32" in matrix.dtypes else matrix.dtypes[0]
+    return dtype, "interleaved" if "interleaved" in matrix.layouts else matrix.layouts[0]
+
+
+def ragged_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family]:
+    """Sequences that do not divide: 35 tokens (remainders 1, 2 and 3 at P = 2, 3 and 4: who
+    gets the extra tokens matters on every rank) and 5 tokens (at P = 4 the third rank is part
+    padding and the last all padding), split flat with padding and unevenly, at two causal
+    offsets (the 5-token one is 5 frames long)."""
+    configs = (
+        GeometryConfig("b-ragged", (1, 5, 7), 24, (8, 8, 8), 1.0e4, description="35 tokens"),
+        GeometryConfig("b-tiny", (5, 1, 1), 24, (8, 8, 8), 1.0e4, description="5 tokens"),
+    )
+    schemes = [s for s in ("flat:pad", "flat:uneven") if s in matrix.schemes]
+    dtype, layout = _plain(matrix)
+    frames = (0, 3)
+    return [
+        Family(config, scheme, dtype, layout, sp, frames, (2, 2), frames[::-1])
+        for config in configs
+        for sp in layouts
+        for scheme in schemes
+    ]
+
+
+def large_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family]:
+    """A real model's latent at its real size (Wan 720p: 21 x 45 x 80, 75,600 tokens; slices of
+    up to 37,800): code paths an implementation switches to above some size, and positions
+    far along every axis. One dtype x layout, split along t (only P = 3 divides 21 frames), along
+    w, and flat; one block into a causal stream (start_frame 21) only: the cost of a table this
+    size is paid once."""
+    config = GeometryConfig("b-720p", (21, 45, 80), 128, (44, 42, 42), 1.0e4, description="Wan 720p latent")
+    schemes = [s for s in ("contiguous:t", "contiguous:w", "flat") if s in matrix.schemes]
+    dtype, layout = _plain(matrix)
+    frames = (21,)
+    return [Family(config, scheme, dtype, layout, sp, frames, (2,), frames) for sp in layouts for scheme in schemes]
 
 
 def _seeded_families(
@@ -166,8 +209,11 @@ def _seeded_families(
     two more dtype x layout combinations drawn; start_frame 0 and one other."""
     long_axis = "thw"[config.grid.index(max(config.grid))]
     fixed = [s for s in (f"contiguous:{long_axis}", "flat") if s in matrix.schemes]
+    if long_axis != "t" and any(s.startswith("zigzag") for s in matrix.schemes):
+        # Two chunks of a spatial axis per rank: the plan's token order is not row-major order.
+        fixed.append(f"zigzag:{long_axis}")
     others = [s for s in matrix.schemes if s not in fixed]
-    schemes = fixed + rng.sample(others, min(3 - len(fixed), len(others)))
+    schemes = fixed + rng.sample(others, min(max(3 - len(fixed), 1), len(others)))
     combos = [(dtype, layout) for dtype in matrix.dtypes for layout in matrix.layouts]
     plain = [c for c in combos if c == ("float32", "interleaved")]
     drawn = plain + rng.sample([c for c in combos if c not in plain], min(3 - len(plain), len(combos) - len(plain)))
@@ -214,6 +260,9 @@ def breadth_configs(rng: random.Random) -> tuple[GeometryConfig, ...]:
         # precomputed per-axis table. One frame and a small head dim keep its tables cheap; over
         # MAX_ATTENTION_TOKENS, so only its rotation is checked above the table level.
         GeometryConfig("b-wide", (1, 96, 96), 24, (8, 8, 8), 1.0e4),
+        # Equal dims and sizes on h and w, but not their factors: h's frequencies or positions
+        # reused for w (an "equal axes" shortcut) are wrong.
+        GeometryConfig("b-equal-hw", (3, 8, 8), 24, (8, 8, 8), 1.0e4, (1.0, 1.5, 2.0), (1.0, 0.5, 0.75)),
     )
     return fixed + tuple(_random_config(rng, i) for i in range(2))
 

@@ -6,6 +6,7 @@ used to be judged wrongly."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -173,3 +174,19 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     t = deep.config.grid[0]
     assert deep.plan.scheme == "contiguous" and deep.plan.axis == 0
     assert deep.start_frames == tuple(range(0, t * len(deep.start_frames), t)) and len(deep.start_frames) > 32
+    # tokens handed out in the plan's order, which is not row-major: two chunks of a spatial
+    # axis per rank, with T > 1
+    assert any(f.plan.scheme == "zigzag" and f.plan.axis in (1, 2) and f.config.grid[0] > 1 for f in fams)
+    # who gets a flat split's extra tokens: a remainder of 2 or more
+    assert any(f.scheme == "flat:uneven" and math.prod(f.config.grid) % f.sp.size >= 2 for f in fams)
+    # padding that reaches a rank before the last
+    tokens = {f: math.prod(f.config.grid) for f in fams}
+    assert any(f.scheme == "flat:pad" and tokens[f] < (f.sp.size - 1) * -(-tokens[f] // f.sp.size) for f in fams)
+    # h and w alike in size and dims, unlike in factors (an "equal axes" shortcut)
+    assert any(
+        c.grid[1] == c.grid[2] and c.rope_dim_list[1] == c.rope_dim_list[2]
+        and isinstance(c.theta_rescale_factor, tuple) and c.theta_rescale_factor[1] != c.theta_rescale_factor[2]
+        for c in configs if len(c.grid) == 3
+    )
+    # slices of a real model's size (paths an implementation switches to above some size)
+    assert any(tokens[f] // f.sp.size > 32768 for f in fams)
