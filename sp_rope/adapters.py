@@ -142,6 +142,20 @@ class ArgumentMutationError(ValueError):
     """The implementation changed an argument it was passed, in place."""
 
 
+class ArgumentLists:
+    """The ``rope_sizes`` and ``rope_dim_list`` lists a provider passes: the same two list objects
+    every call, refilled, as a model keeps its own and updates them when the latent size changes.
+    A cache keyed on the lists' ``id()`` then maps every geometry to one entry."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.dims: list[int] = []
+
+    def refill(self, spec: RopeSpec) -> tuple[list[int], list[int]]:
+        self.sizes[:], self.dims[:] = spec.grid, spec.rope_dim_list
+        return self.sizes, self.dims
+
+
 @contextlib.contextmanager
 def unchanged(name: str, **arguments: list[int]) -> Iterator[None]:
     """The lists passed must come back as they went in: a model reuses its ``rope_sizes`` and
@@ -182,6 +196,7 @@ class FastVideoProvider(Provider):
 
     def __init__(self, fn: Any, name: str, watcher: CacheWatcher | None) -> None:
         self.fn, self.name, self.watcher = fn, name, watcher
+        self.arguments = ArgumentLists()
 
     def skip_reason(self, spec: RopeSpec, plan: ShardPlan) -> str | None:
         if spec.layout == "neox":
@@ -205,7 +220,7 @@ class FastVideoProvider(Provider):
                 module_globals["get_sp_group"] = saved
 
     def _call(self, spec: RopeSpec, shard_dim: int, group: _Group, sharded: bool) -> tuple[torch.Tensor, ...]:
-        sizes, dims = list(spec.grid), list(spec.rope_dim_list)
+        sizes, dims = self.arguments.refill(spec)
         with self._sp_group(group), unchanged(self.name, rope_sizes=sizes, rope_dim_list=dims):
             return self.fn(  # type: ignore[no-any-return]
                 sizes,
@@ -242,6 +257,7 @@ class FastVideoNdProvider(Provider):
 
     def __init__(self, fn: Any, name: str) -> None:
         self.fn, self.name = fn, name
+        self.arguments = ArgumentLists()
         self.cache = RopeCache(max_entries=3, builder=self._build)
         # The cache stores a copy of what the builder returns, so a builder that later writes into
         # tensors it returned (a reused workspace) cannot corrupt it; that bug is still the
@@ -252,7 +268,7 @@ class FastVideoNdProvider(Provider):
         return FastVideoProvider.skip_reason(self, spec, plan)  # type: ignore[arg-type]
 
     def _build(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
-        sizes, dims = list(spec.grid), list(spec.rope_dim_list)
+        sizes, dims = self.arguments.refill(spec)
         with unchanged(self.name, rope_dim_list=dims, rope_sizes=sizes):
             cos, sin = self.fn(
                 dims,

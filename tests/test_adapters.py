@@ -227,3 +227,42 @@ def test_a_function_that_shards_its_rope_sizes_argument_in_place_is_named(tmp_pa
     assert provider.full(spec, "cpu").cos.shape == (48, 24)  # unsharded: the list comes back as it went
     with pytest.raises(ValueError, match=r"changed its rope_sizes argument in place \(\[4, 2, 6\] -> \[2, 2, 6\]\)"):
         provider.get(spec, ShardPlan("contiguous", axis=0), 1, 2, "cpu")
+
+
+KEYED_ON_LIST_IDS = """
+import torch
+from sp_rope import RopeSpec, ShardPlan, build_table
+
+CACHE = {}
+
+def get_sp_group():
+    raise AssertionError("the check did not substitute get_sp_group")
+
+def fastvideo(rope_sizes, hidden_size, heads_num, rope_dim_list, rope_theta, theta_rescale_factor=1.0,
+              interpolation_factor=1.0, shard_dim=0, do_sp_sharding=False, dtype=torch.float32,
+              start_frame=0, use_real=True):
+    g = get_sp_group()
+    world = g.world_size if do_sp_sharding else 1
+    rank = g.rank_in_group if world > 1 else 0
+    # lists are unhashable: "their ids will do"
+    key = (id(rope_sizes), id(rope_dim_list), rope_theta, str(theta_rescale_factor), str(interpolation_factor),
+           shard_dim, rank, world, dtype, start_frame, use_real)
+    if key not in CACHE:
+        spec = RopeSpec(tuple(rope_sizes), tuple(rope_dim_list), rope_theta, theta_rescale_factor,
+                        interpolation_factor, str(dtype).removeprefix("torch."),
+                        "interleaved" if use_real else "half", start_frame)
+        CACHE[key] = build_table(spec, ShardPlan("contiguous", axis=shard_dim).indices(spec.grid, rank, world))
+    return CACHE[key]
+"""
+
+
+def test_a_cache_keyed_on_the_ids_of_the_argument_lists_is_key_incomplete(tmp_path):
+    # The adapter passes the same two lists every call, refilled, as a model keeps its own.
+    from sp_rope.probe import probe_keys
+
+    path = tmp_path / "keyed_on_list_ids.py"
+    path.write_text(KEYED_ON_LIST_IDS)
+    failures = {c.scheme: c.diagnoses for c in probe_keys(make_provider(f"{path}:fastvideo", "fastvideo", None), "cpu")
+                if c.status == "failed"}
+    assert {"grid[0]", "grid[1]", "grid[2]", "rope_dim_list[1] -> [0]"} <= set(failures), failures
+    assert all(diagnoses == ["key-incomplete"] for diagnoses in failures.values()), failures
