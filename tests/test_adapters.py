@@ -42,9 +42,13 @@ def test_fastvideo_adapter_substitutes_and_restores_get_sp_group(name):
     assert sl.key is not None and sl.key in load_object(f"{FASTVIDEO}:{name}.cache")
 
 
-RECORDER = """
+# The fastvideo convention's module: imports, the get_sp_group the adapter replaces, and the
+# signature of ``fastvideo``, whose body each test module below supplies.
+FASTVIDEO_MODULE = """
 import torch
-CALLS = []
+from sp_rope import RopeSpec, ShardPlan, build_table
+
+CALLS, CACHE = [], {}
 
 def get_sp_group():
     raise AssertionError("the check did not substitute get_sp_group")
@@ -52,6 +56,9 @@ def get_sp_group():
 def fastvideo(rope_sizes, hidden_size, heads_num, rope_dim_list, rope_theta, theta_rescale_factor=1.0,
               interpolation_factor=1.0, shard_dim=0, do_sp_sharding=False, dtype=torch.float32,
               start_frame=0, use_real=True):
+"""
+
+RECORDER = FASTVIDEO_MODULE + """
     g = get_sp_group()
     CALLS.append(dict(rescale=theta_rescale_factor, interpolation=interpolation_factor,
                       sharded=do_sp_sharding, group=(g.rank_in_group, g.world_size)))
@@ -198,16 +205,7 @@ def test_the_cache_watcher_names_the_entry_that_served_each_call():
     assert watcher.key_for((record.cos, record.sin), watcher.snapshot()) is None
 
 
-SHARDS_IN_PLACE = """
-import torch
-from sp_rope import RopeSpec, ShardPlan, build_table
-
-def get_sp_group():
-    raise AssertionError("the check did not substitute get_sp_group")
-
-def fastvideo(rope_sizes, hidden_size, heads_num, rope_dim_list, rope_theta, theta_rescale_factor=1.0,
-              interpolation_factor=1.0, shard_dim=0, do_sp_sharding=False, dtype=torch.float32,
-              start_frame=0, use_real=True):
+SHARDS_IN_PLACE = FASTVIDEO_MODULE + """
     assert sum(rope_dim_list) == hidden_size // heads_num
     g = get_sp_group()
     spec = RopeSpec(tuple(rope_sizes), tuple(rope_dim_list), theta=rope_theta, start_frame=start_frame,
@@ -229,18 +227,7 @@ def test_a_function_that_shards_its_rope_sizes_argument_in_place_is_named(tmp_pa
         provider.get(spec, ShardPlan("contiguous", axis=0), 1, 2, "cpu")
 
 
-KEYED_ON_LIST_IDS = """
-import torch
-from sp_rope import RopeSpec, ShardPlan, build_table
-
-CACHE = {}
-
-def get_sp_group():
-    raise AssertionError("the check did not substitute get_sp_group")
-
-def fastvideo(rope_sizes, hidden_size, heads_num, rope_dim_list, rope_theta, theta_rescale_factor=1.0,
-              interpolation_factor=1.0, shard_dim=0, do_sp_sharding=False, dtype=torch.float32,
-              start_frame=0, use_real=True):
+KEYED_ON_LIST_IDS = FASTVIDEO_MODULE + """
     g = get_sp_group()
     world = g.world_size if do_sp_sharding else 1
     rank = g.rank_in_group if world > 1 else 0
