@@ -20,9 +20,11 @@ def test_default_self_launch_passes_with_reports(tmp_path):
     summary = json.loads(report.read_text())["summary"]
     assert summary["failed"] == 0 and summary["passed"] > 0 and summary["world_size"] == 4
     assert result.out.strip().splitlines()[-1] == f"{summary['passed']} passed, 0 failed, {summary['skipped']} skipped"
-    # Every scheme ran somewhere in the default matrix (skips are reported, never counted as passed).
+    # Every scheme ran somewhere in the default matrix (skips are reported, never counted as passed),
+    # and the breadth geometries add zigzag along a spatial axis.
     cases = json.loads(report.read_text())["cases"]
-    assert {c["scheme"] for c in cases if c["status"] == "passed" and c["config"] != "probe"} == ALL_SCHEMES
+    ran = {c["scheme"] for c in cases if c["status"] == "passed" and c["config"] != "probe"}
+    assert ran == ALL_SCHEMES | {"zigzag:h", "zigzag:w"}
     assert all(c["details"] for c in cases if c["status"] == "skipped")
     suite = ET.parse(junit).getroot()
     assert int(suite.get("tests")) == len(cases) and int(suite.get("failures")) == 0
