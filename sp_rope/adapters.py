@@ -197,6 +197,7 @@ class FastVideoProvider(Provider):
     def __init__(self, fn: Any, name: str, watcher: CacheWatcher | None) -> None:
         self.fn, self.name, self.watcher = fn, name, watcher
         self.arguments = ArgumentLists()
+        self.full_calls = 0
 
     def skip_reason(self, spec: RopeSpec, plan: ShardPlan) -> str | None:
         if spec.layout == "neox":
@@ -247,7 +248,10 @@ class FastVideoProvider(Provider):
     def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
         # Asked from inside the real SP group, with do_sp_sharding=False: a function that shards
         # whenever its group has several ranks returns a block here, and fails the shape check.
-        cos, sin = self._call(spec, 0, _Group(*within), False)
+        # The shard_dim a model is configured with still comes along, each axis in turn: no
+        # sharding must mean no sharding along any of them.
+        self.full_calls += 1
+        cos, sin = self._call(spec, self.full_calls % len(spec.grid), _Group(*within), False)
         return RopeSlice(cos, sin, torch.arange(spec.num_tokens))
 
 
@@ -346,7 +350,8 @@ class DiffusersWanProvider(Provider):
         return self._models[key]
 
     def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
-        cos, sin = self._model(spec)(torch.zeros(1, 1, *spec.grid))
+        # A bfloat16 latent, as inference runs: the tables' dtype must not follow the input's.
+        cos, sin = self._model(spec)(torch.zeros(1, 1, *spec.grid, dtype=torch.bfloat16))
         cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
         return RopeSlice(cos.to(device), sin.to(device), torch.arange(spec.num_tokens))
 
@@ -355,6 +360,11 @@ class DiffusersWanProvider(Provider):
         indices = plan.indices(spec.grid, sp_rank, sp_size)
         if full.cos.shape[0] != spec.num_tokens:  # a table of the wrong length: the check rejects it whole
             return RopeSlice(full.cos, full.sin, indices)
+        if indices.numel() and bool((indices == torch.arange(int(indices[0]), int(indices[0]) + len(indices))).all()):
+            # One run (the even split): a view, as the CP plan's split is, so a class that later
+            # rewrites the memory it returned is seen rewriting tables still in use.
+            start, count = int(indices[0]), len(indices)
+            return RopeSlice(full.cos.narrow(0, start, count), full.sin.narrow(0, start, count), indices)
         rows = indices.to(full.cos.device)
         return RopeSlice(full.cos[rows], full.sin[rows], indices)
 

@@ -30,7 +30,7 @@ from .oracle import oracle_table, tolerance
 from .providers import Provider
 from .report import CaseResult
 from .sharding import ShardPlan, parse_plan
-from .spec import RopeSpec
+from .spec import RopeSpec, default_rope_dim_list
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def variants(base: Base) -> list[Variant]:
     for a, size in enumerate(s.grid):
         grid = tuple(n + 2 if i == a else n for i, n in enumerate(s.grid))
         out.append(Variant(f"grid[{a}]", b.with_spec(grid=grid), f"{size} -> {size + 2}"))
-    for a, c in ((0, 1), (1, 2)):  # the same token count and axis products: a key on T*H*W or H*W
+    for a, c in ((0, 1), (1, 2), (0, 2)):  # the same token count and axis products: a key on T*H*W or H*W
         swapped = list(s.grid)
         swapped[a], swapped[c] = swapped[c], swapped[a]
         change = f"{list(s.grid)} -> {swapped}"
@@ -123,6 +123,11 @@ def variants(base: Base) -> list[Variant]:
     out.append(Variant("dtype", b.with_spec(dtype=other_dtype), f"{s.dtype} -> {other_dtype}"))
     other_layout = "half" if s.layout != "half" else "interleaved"
     out.append(Variant("layout", b.with_spec(layout=other_layout), f"{s.layout} -> {other_layout}"))
+    third = "neox" if s.layout != "neox" else "interleaved"  # a slice asked for cold, with no table cached
+    out.append(Variant(f"layout ({third})", b.with_spec(layout=third), f"{s.layout} -> {third}"))
+    head_dim = 2 * s.head_dim  # Wan's split of another head dim: a key on the grid and theta alone
+    wan_split = default_rope_dim_list(head_dim, len(s.grid))
+    out.append(Variant("head dim", b.with_spec(rope_dim_list=wan_split), f"{s.head_dim} -> {head_dim}"))
     later = s.start_frame + 5
     out.append(Variant("start_frame", b.with_spec(start_frame=later), f"{s.start_frame} -> {later}"))
     rank = (b.sp_rank + 1) % b.sp_size
@@ -132,7 +137,10 @@ def variants(base: Base) -> list[Variant]:
     out.append(Variant("scheme", replace(b, plan=base.other_scheme), f"{b.plan} -> {base.other_scheme}"))
     # A scheme's own parameter, alternating with the same scheme at another value: the last rank
     # of 5 (48 tokens: flat's modes differ there), SP rank 1 of 4 (usp's ring degrees differ).
-    pairs = (("usp:2", "usp:4", 1, 4), ("usp:2", "usp:1", 1, 4), ("flat:pad", "flat:uneven", 4, 5))
+    # SP rank 2 of 6: ring 2 x Ulysses 3 and ring 3 x Ulysses 2 (degrees that differ, which no
+    # SP size up to 4 has) place it differently.
+    pairs = (("usp:2", "usp:4", 1, 4), ("usp:2", "usp:1", 1, 4), ("usp:2", "usp:3", 2, 6),
+             ("flat:pad", "flat:uneven", 4, 5))
     for first, second, rank, size in pairs:
         one, other = (replace(b, plan=parse_plan(n), sp_rank=rank, sp_size=size) for n in (first, second))
         out.append(Variant(f"scheme parameter ({first} / {second})", other, f"{first} -> {second}", against=one))
@@ -274,11 +282,19 @@ EVICTION_DEPTH = 1024  # distinct inputs asked for in a row: more than any cache
 EVICTION_ORACLE_EVERY = 64  # first-pass tables also judged against the formula (the rest by digest)
 
 
+def _sweep_grids(count: int) -> list[tuple[int, ...]]:
+    """``count`` distinct 3-D grids, T even (each splits along t, and flat, at SP size 2), at most
+    8 x 16 x 16: the same model (head dim, theta) asked for one latent size after another."""
+    grids: list[tuple[int, ...]] = [(t, h, w) for w in range(1, 17) for h in range(1, 17) for t in (2, 4, 6, 8)]
+    return grids[:count] if count <= len(grids) else grids + [(2, 1, w) for w in range(17, 17 + count - len(grids))]
+
+
 def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH) -> CaseResult:
-    """``depth`` distinct inputs in a row (the base input at theta + 1, + 2, ...), then all of them
-    again, most recent first. A cache bounded below ``depth`` entries has to evict; one that
-    evicts the wrong value, or leaves a stale index behind, then hands an input another input's
-    table (``stale-after-eviction``). The matrix's own run makes a few hundred keys per rank, too
+    """``depth`` distinct inputs in a row (the base input at one latent size after another: one
+    model, so a per-instance cache fills too), then all of them again, most recent first. A
+    cache bounded below ``depth`` entries has to evict; one that evicts the wrong value, or
+    leaves a stale index behind, then hands an input another input's table
+    (``stale-after-eviction``). The matrix's own run makes a few hundred keys per rank, too
     few to fill a cache of 512. Every first-pass table must differ from all earlier ones; every
     second-pass table must be the one its input got first (each ``EVICTION_ORACLE_EVERY``-th is
     also judged against the formula: a wrong fresh build is the matrix's to find)."""
@@ -289,12 +305,12 @@ def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH)
         case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
         return case
     probe = _Probe(provider, device, _base(provider))
-    inputs = [base.with_spec(theta=base.spec.theta + 1 + k) for k in range(depth)]
+    inputs = [base.with_spec(grid=grid) for grid in _sweep_grids(depth)]
     owner: dict[tuple[object, ...], int] = {}  # digest -> the input that got it first
     first: list[tuple[object, ...]] = []
 
     def name(k: int) -> str:
-        return f"input {k + 1} of {depth} (theta {inputs[k].spec.theta:g})"
+        return f"input {k + 1} of {depth} (grid {list(inputs[k].spec.grid)})"
 
     held = Held(case)
     for k, inp in enumerate(inputs):

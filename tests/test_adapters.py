@@ -141,8 +141,9 @@ def test_diffusers_wan_job_passes_and_skips_what_it_cannot_express(tmp_path):
     assert passed and all(c["scheme"] == "flat" and c["start_frame"] == 0 and c["dtype"] == "float32" for c in passed)
     probed = {c["scheme"] for c in every_case if c["config"] == "probe" and c["status"] == "passed"}
     assert probed == {
-        "base", "grid[0]", "grid[1]", "grid[2]", "grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "theta", "theta (+0.1)",
-        "sp_rank", "sp_size", "cache eviction (1024 inputs)", "hot keys (64 calls each)",
+        "base", "grid[0]", "grid[1]", "grid[2]", "grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "grid[0] <-> grid[2]",
+        "theta", "theta (+0.1)", "head dim", "sp_rank", "sp_size", "cache eviction (1024 inputs)",
+        "hot keys (64 calls each)",
     }
     reasons = " ".join(c["details"][0] for c in cases if c["status"] == "skipped")
     assert "no start_frame" in reasons and "not zigzag" in reasons and "float32 tables only" in reasons
@@ -253,3 +254,41 @@ def test_a_cache_keyed_on_the_ids_of_the_argument_lists_is_key_incomplete(tmp_pa
                 if c.status == "failed"}
     assert {"grid[0]", "grid[1]", "grid[2]", "rope_dim_list[1] -> [0]"} <= set(failures), failures
     assert all(diagnoses == ["key-incomplete"] for diagnoses in failures.values()), failures
+
+
+SHARDS_SPATIAL_AXES_ALWAYS = FASTVIDEO_MODULE + """
+    g = get_sp_group()
+    spec = RopeSpec(tuple(rope_sizes), tuple(rope_dim_list), theta=rope_theta, start_frame=start_frame,
+                    dtype=str(dtype).removeprefix("torch."), layout="interleaved" if use_real else "half")
+    # "h and w shards follow the group": do_sp_sharding is only consulted for t
+    world = g.world_size if do_sp_sharding or shard_dim > 0 else 1
+    tokens = ShardPlan("contiguous", axis=shard_dim).indices(spec.grid, g.rank_in_group if world > 1 else 0, world)
+    return build_table(spec, tokens)
+"""
+
+
+def test_the_unsharded_table_is_asked_for_with_each_shard_dim(tmp_path):
+    path = tmp_path / "spatial.py"
+    path.write_text(SHARDS_SPATIAL_AXES_ALWAYS)
+    provider = make_provider(f"{path}:fastvideo", "fastvideo", None)
+    spec = RopeSpec((4, 2, 6), (8, 12, 4), dtype="float32")
+    rows = {provider.full(spec, "cpu", within=(1, 2)).cos.shape[0] for _ in range(3)}
+    assert rows == {48, 24}, rows  # shard_dim 0 unsharded, as it must be; 1 and 2 sharded anyway
+
+
+class _FollowsInputDtype:
+    """diffusers' Wan RoPE, but its tables take the latent's dtype."""
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+        self.inner = WanRotaryPosEmbed(*args, **kwargs)
+
+    def __call__(self, hidden_states):  # type: ignore[no-untyped-def]
+        return tuple(t.to(hidden_states.dtype) for t in self.inner(hidden_states))
+
+
+def test_diffusers_wan_tables_must_not_follow_a_bfloat16_latent():
+    spec = RopeSpec.for_head_dim((2, 4, 6), 24, dtype="float32")
+    assert DiffusersWanProvider().full(spec, "cpu").cos.dtype == torch.float32  # diffusers' own: float32
+    assert DiffusersWanProvider(_FollowsInputDtype).full(spec, "cpu").cos.dtype == torch.bfloat16
