@@ -151,9 +151,19 @@ class ArgumentLists:
         self.sizes: list[int] = []
         self.dims: list[int] = []
 
+        self.calls = 0
+
     def refill(self, spec: RopeSpec) -> tuple[list[int], list[int]]:
         self.sizes[:], self.dims[:] = spec.grid, spec.rope_dim_list
+        self.calls += 1
         return self.sizes, self.dims
+
+    def factors(self, spec: RopeSpec) -> dict[str, float | list[float]]:
+        """The two factors, spelled differently from each other and from the last call."""
+        return {
+            "theta_rescale_factor": as_passed(spec.theta_rescale_factor, self.calls),  # type: ignore[arg-type]
+            "interpolation_factor": as_passed(spec.interpolation_factor, self.calls + 1),  # type: ignore[arg-type]
+        }
 
 
 @contextlib.contextmanager
@@ -171,10 +181,13 @@ def unchanged(name: str, **arguments: list[int]) -> Iterator[None]:
             )
 
 
-def as_passed(factors: tuple[float, ...]) -> float | list[float]:
-    """A per-axis factor as callers usually pass it: a scalar when every axis has the same one
-    (RopeSpec normalizes both spellings to one value per axis), else the list."""
-    return factors[0] if len(set(factors)) == 1 else list(factors)
+def as_passed(factors: tuple[float, ...], spelling: int = 0) -> float | list[float]:
+    """A per-axis factor as callers pass it: the list when the axes differ; when every axis has
+    the same one, each spelling FastVideo accepts in turn (``spelling`` mod 3): a scalar, a
+    one-element list (broadcast), the full list. RopeSpec normalizes them all to one per axis."""
+    if len(set(factors)) > 1:
+        return list(factors)
+    return (factors[0], [factors[0]], list(factors))[spelling % 3]
 
 
 @dataclass
@@ -229,8 +242,7 @@ class FastVideoProvider(Provider):
                 HEADS,
                 dims,
                 spec.theta,
-                theta_rescale_factor=as_passed(spec.theta_rescale_factor),  # type: ignore[arg-type]
-                interpolation_factor=as_passed(spec.interpolation_factor),  # type: ignore[arg-type]
+                **self.arguments.factors(spec),
                 shard_dim=shard_dim,
                 do_sp_sharding=sharded,
                 dtype=spec.torch_dtype,
@@ -278,8 +290,7 @@ class FastVideoNdProvider(Provider):
                 dims,
                 sizes,
                 theta=spec.theta,
-                theta_rescale_factor=as_passed(spec.theta_rescale_factor),  # type: ignore[arg-type]
-                interpolation_factor=as_passed(spec.interpolation_factor),  # type: ignore[arg-type]
+                **self.arguments.factors(spec),
                 shard_dim=0 if plan.axis is None else plan.axis,
                 sp_rank=sp_rank,
                 sp_world_size=sp_size,

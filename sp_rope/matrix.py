@@ -13,9 +13,9 @@ The default matrix is built to leave no plausible bug standing, not to look tidy
   != 1 on every axis (t included) spelled as scalars and as lists, theta and factors not exact in
   float32 or bfloat16, T = 1, a 96 x 96 grid, several head dims, plain ones a restricted
   convention can express; h and w equal in size and dims but not factors; seeded random
-  geometries (split zigzag along a spatial long axis too: token order not row-major); sequences
-  that do not divide (35 and 5 tokens, flat with padding and uneven); Wan 720p's latent at its
-  real size. Each runs at a causal offset != 0 too.
+  geometries (split zigzag along a spatial long axis too: token order not row-major); 2-D and
+  1-D grids; sequences that do not divide (35 and 5 tokens, flat with padding and uneven); Wan
+  720p's latent at its real size. Each runs at a causal offset != 0 too.
 - **Call patterns**: calls per (family, start_frame) vary with the seed; the second pass revisits
   start_frames in a seeded order; one deep sweep of 40 block-causal start_frames (0, T, 2T, ...)
   split along t on a tiny grid evicts a 32-entry cache and then re-enters it.
@@ -212,7 +212,7 @@ def _seeded_families(
     if long_axis != "t" and any(s.startswith("zigzag") for s in matrix.schemes):
         # Two chunks of a spatial axis per rank: the plan's token order is not row-major order.
         fixed.append(f"zigzag:{long_axis}")
-    others = [s for s in matrix.schemes if s not in fixed]
+    others = [s for s in matrix.schemes if s not in fixed and (parse_plan(s).axis or 0) < len(config.grid)]
     schemes = fixed + rng.sample(others, min(max(3 - len(fixed), 1), len(others)))
     combos = [(dtype, layout) for dtype in matrix.dtypes for layout in matrix.layouts]
     plain = [c for c in combos if c == ("float32", "interleaved")]
@@ -263,6 +263,10 @@ def breadth_configs(rng: random.Random) -> tuple[GeometryConfig, ...]:
         # Equal dims and sizes on h and w, but not their factors: h's frequencies or positions
         # reused for w (an "equal axes" shortcut) are wrong.
         GeometryConfig("b-equal-hw", (3, 8, 8), 24, (8, 8, 8), 1.0e4, (1.0, 1.5, 2.0), (1.0, 0.5, 0.75)),
+        # Fewer axes: an image (2-D) and a token sequence (1-D, an LLM's theta and a linear
+        # context extension): code that lifts every grid to 3-D shifts the wrong axis.
+        GeometryConfig("b-2d", (12, 8), 32, (16, 16), 1.0e4, 1.0, (1.0, 0.5)),
+        GeometryConfig("b-1d", (96,), 32, (32,), 5.0e5, 1.0, 0.25),
     )
     return fixed + tuple(_random_config(rng, i) for i in range(2))
 

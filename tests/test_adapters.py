@@ -73,19 +73,23 @@ def nd(rope_dim_list, rope_sizes, **kwargs):
 
 
 @pytest.mark.parametrize("convention", ["fastvideo", "fastvideo-nd"])
-def test_factors_are_passed_as_a_scalar_when_equal_on_every_axis_else_as_a_list(tmp_path, convention):
+def test_equal_factors_come_in_every_spelling_fastvideo_accepts_and_unequal_ones_as_a_list(tmp_path, convention):
     path = tmp_path / "recorder.py"
     path.write_text(RECORDER)
     fn = "fastvideo" if convention == "fastvideo" else "nd"
     provider = make_provider(f"{path}:{fn}", convention, None)
     calls = load_object(f"{path}:CALLS")
     plan = ShardPlan("contiguous", axis=0)
-    provider.get(RopeSpec((4, 2, 2), (8, 8, 8), theta_rescale_factor=[2, 2, 2], interpolation_factor=0.5), plan, 0, 2,
-                 "cpu")
+    for theta in (1e4, 2e4, 3e4):  # three keys: the fastvideo-nd builder is behind a cache
+        equal = RopeSpec((4, 2, 2), (8, 8, 8), theta, theta_rescale_factor=[2, 2, 2], interpolation_factor=0.5)
+        provider.get(equal, plan, 0, 2, "cpu")
     provider.get(RopeSpec((4, 2, 2), (8, 8, 8), theta_rescale_factor=[1, 2, 2], interpolation_factor=[1, 1, 0.5]),
                  plan, 1, 2, "cpu")
-    assert [(c["rescale"], c["interpolation"]) for c in calls] == [(2.0, 0.5), ([1.0, 2.0, 2.0], [1.0, 1.0, 0.5])]
-    assert all(type(c["rescale"]) in (float, list) for c in calls)
+    # A scalar, a one-element list (FastVideo broadcasts it) and the full list, each once.
+    for name, value in (("rescale", 2.0), ("interpolation", 0.5)):
+        spelled = sorted((repr(c[name]) for c in calls[:3]), key=len)
+        assert spelled == [repr(value), repr([value]), repr([value] * 3)], spelled
+    assert (calls[3]["rescale"], calls[3]["interpolation"]) == ([1.0, 2.0, 2.0], [1.0, 1.0, 0.5])
 
 
 def test_fastvideo_full_table_is_asked_unsharded_from_inside_the_real_sp_group(tmp_path):

@@ -190,3 +190,20 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     )
     # slices of a real model's size (paths an implementation switches to above some size)
     assert any(tokens[f] // f.sp.size > 32768 for f in fams)
+
+
+def test_every_seeded_default_family_either_shards_or_is_skipped_for_a_reason():
+    # A scheme along an axis a grid does not have (the 1-D and 2-D geometries) must never be drawn:
+    # anything but a ShardError here would end the job instead of skipping the case.
+    from sp_rope.check import parse_settings
+    from sp_rope.judge import plan_tokens
+    from sp_rope.matrix import families
+    from sp_rope.sharding import ShardError
+
+    settings = parse_settings([], 4)
+    for seed in range(100):
+        for fam in families(settings.matrix, 4, seed, breadth=settings.breadth):
+            try:
+                plan_tokens(fam.plan, fam.config.grid, 0, fam.sp.size)
+            except ShardError:
+                pass
