@@ -17,7 +17,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 
-from .adapters import CONVENTIONS, make_provider
+from .adapters import CONVENTIONS, load_object, make_provider
 from .config import DEFAULT_CONFIGS, ConfigError, Matrix, load_config, validate_matrix
 from .dist import Job, LaunchEnv, PhaseError, UsageError, keep_freed_memory, launch_env, phase, resolve_backend
 from .levels import LEVELS
@@ -227,6 +227,11 @@ def _run_mutants(job: Job, settings: Settings) -> int:
         )
         with phase(f"mutant {name}"):
             report = run_rank(job, provider, run)
+        if mutant is not None and mutant.cache:
+            # Its module stays imported: without this, every mutant's tables (a 720p geometry's
+            # among them) would stay cached for the rest of the run.
+            load_object(f"{mutant.module}:{mutant.cache}", "--impl-cache").clear()
+        del provider
         if report is not None:
             found = sorted(report.diagnoses())
             ok = (expected in found) if expected else (report.failed == 0 and report.count("passed") > 0)

@@ -211,7 +211,8 @@ class _Probe:
         planned = inp.plan.indices(inp.spec.grid, inp.sp_rank, inp.sp_size)
         other_tokens = not torch.equal(sl.indices.detach().cpu().to(torch.int64), planned)
         if (problem is not None or other_tokens) and earlier != inp:
-            case.fail("key-incomplete", f"{what} got the table returned earlier for {self.labels[earlier]} "
+            label = self.labels.get(earlier, f"the input with grid {list(earlier.spec.grid)}")  # a sweep's
+            case.fail("key-incomplete", f"{what} got the table returned earlier for {label} "
                                         f"(a cache key without {case.scheme}, or {case.scheme} ignored)")
         elif problem is not None:
             case.fail("oracle-mismatch", f"{what}: the table {problem}")
