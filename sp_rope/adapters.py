@@ -210,7 +210,6 @@ class FastVideoProvider(Provider):
     def __init__(self, fn: Any, name: str, watcher: CacheWatcher | None) -> None:
         self.fn, self.name, self.watcher = fn, name, watcher
         self.arguments = ArgumentLists()
-        self.full_calls = 0
 
     def skip_reason(self, spec: RopeSpec, plan: ShardPlan) -> str | None:
         if spec.layout == "neox":
@@ -260,10 +259,10 @@ class FastVideoProvider(Provider):
     def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
         # Asked from inside the real SP group, with do_sp_sharding=False: a function that shards
         # whenever its group has several ranks returns a block here, and fails the shape check.
-        # The shard_dim a model is configured with still comes along, each axis in turn: no
-        # sharding must mean no sharding along any of them.
-        self.full_calls += 1
-        cos, sin = self._call(spec, self.full_calls % len(spec.grid), _Group(*within), False)
+        # The shard_dim a model is configured with still comes along: no sharding must mean no
+        # sharding along any axis. It follows the start_frame (a sweep meets every axis), so the
+        # same call is the same call whatever the dtype or layout.
+        cos, sin = self._call(spec, spec.start_frame % len(spec.grid), _Group(*within), False)
         return RopeSlice(cos, sin, torch.arange(spec.num_tokens))
 
 
