@@ -88,8 +88,10 @@ class Publisher:
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._main = threading.main_thread().ident
+        self._stopping = False
         self.publish()
-        threading.Thread(target=self._run, name="sp_rope-heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="sp_rope-heartbeat", daemon=True)
+        self._thread.start()
 
     def set_phase(self, name: str) -> None:
         # Only a note for the heartbeat thread: the phase changes hundreds of times a run.
@@ -106,6 +108,19 @@ class Publisher:
         """Record how this rank ended; published now, the process is about to exit."""
         self.entry.outcome = {"code": code, "message": message, "culprits": culprits, "at": time.time(), "final": final}
         self.publish()
+        if final:
+            self.stop()
+
+    def stop(self) -> None:
+        """No more beats, and no more store: the process is about to exit, and a daemon thread
+        inside the store's C++ client while the interpreter tears down aborts the process
+        ("terminate called without an active exception")."""
+        self._stopping = True
+        self._changed.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * BEAT_S)
+        with self._lock:
+            self.store = None
 
     def publish(self) -> None:
         with self._lock:
@@ -135,9 +150,11 @@ class Publisher:
 
     def _run(self) -> None:
         next_beat = time.monotonic() + BEAT_S
-        while True:
+        while not self._stopping:
             self._changed.wait(max(0.0, next_beat - time.monotonic()))
             self._changed.clear()
+            if self._stopping:
+                return
             if time.monotonic() >= next_beat:
                 self.entry.beat += 1
                 next_beat = time.monotonic() + BEAT_S
