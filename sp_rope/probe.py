@@ -299,13 +299,14 @@ def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH)
     few to fill a cache of 512. Every first-pass table must differ from all earlier ones; every
     second-pass table must be the one its input got first (each ``EVICTION_ORACLE_EVERY``-th is
     also judged against the formula: a wrong fresh build is the matrix's to find)."""
-    base = _base(provider).input
+    chosen = _base(provider)
+    base = chosen.input
     case = _case(f"cache eviction ({depth} inputs)", base)
     reason = provider.skip_reason(base.spec, base.plan)
     if reason is not None:
         case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
         return case
-    probe = _Probe(provider, device, _base(provider))
+    probe = _Probe(provider, device, chosen)
     inputs = [base.with_spec(grid=grid) for grid in _sweep_grids(depth)]
     owner: dict[tuple[object, ...], int] = {}  # digest -> the input that got it first
     first: list[tuple[object, ...]] = []
