@@ -9,6 +9,7 @@ shared by the views of one allocation) and refuses to hand out a corrupted table
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import threading
 from collections.abc import Callable
@@ -199,6 +200,8 @@ class RopeCache:
         # first entry here and leaves the other to the full-key path.
         self._by_hash: dict[tuple, _Entry] = {}
         self._lock = threading.Lock()
+        self._order: list[tuple[int, int, tuple, _Entry]] = []  # eviction order, see _evict_lru
+        self._pushes = itertools.count()  # breaks ties between two items of one entry
         self._clock = itertools.count()
         self._other_ticks = 0  # ticks taken by inserts and stats reads, not hits
         self._counts = CacheStats()  # everything but hits, changed under the lock
@@ -252,6 +255,7 @@ class RopeCache:
                 return value
             self._other_ticks += 1
             entry = self._entries[lookup] = _Entry(value, next(self._clock), (hash(spec), hash(plan), *lookup[2:]))
+            self._push(lookup, entry)
             self._by_hash.setdefault(entry.hash_key, entry)
             self._counts.bytes += value.nbytes
             while len(self._entries) > self.max_entries or self._counts.bytes > self.max_bytes:
@@ -259,8 +263,22 @@ class RopeCache:
         return value
 
     def _evict_lru(self) -> None:
-        self._remove(min(self._entries, key=lambda k: self._entries[k].last_used))
+        # A heap of (tick, entry) with each entry's tick when it was pushed; hits move only the
+        # entry's own tick (no lock, no heap). Every live entry has an item at or below its tick,
+        # so the smallest item whose tick is still its entry's is the LRU; an entry used since
+        # goes back in with its new tick. O(log n) amortized instead of a scan of every entry.
+        while True:
+            tick, _, lookup, entry = heapq.heappop(self._order)
+            if self._entries.get(lookup) is not entry:
+                continue  # removed, or replaced by a later entry of the same key (with its own item)
+            if entry.last_used == tick:
+                break
+            self._push(lookup, entry)
+        self._remove(lookup)
         self._counts.evictions += 1
+
+    def _push(self, lookup: tuple, entry: _Entry) -> None:
+        heapq.heappush(self._order, (entry.last_used, next(self._pushes), lookup, entry))
 
     def _remove(self, lookup: tuple) -> None:
         entry = self._entries.pop(lookup)
@@ -290,6 +308,7 @@ class RopeCache:
         with self._lock:
             self._entries.clear()
             self._by_hash.clear()
+            self._order.clear()
             self._counts.bytes = 0
 
 

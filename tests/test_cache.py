@@ -138,6 +138,26 @@ def test_lru_evicts_least_recently_used_and_hit_refreshes_recency() -> None:
     assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (1, 5, 2)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_eviction_follows_exact_lru_order_over_random_traffic(seed: int) -> None:
+    """Hits, misses and evictions in a random order keep the cache's contents equal to a plain
+    LRU list's (the eviction order is kept lazily, so entries hit long after insertion and
+    entries inserted after them must still leave in recency order)."""
+    rng = random.Random(seed)
+    keys = _fresh_keys(12)
+    cache = RopeCache(max_entries=5)
+    lru: list[int] = []  # start_frames, least recently used first
+    for _ in range(400):
+        sf = rng.choice([rng.randrange(12), *(lru[-3:] or [0])])  # favour recent keys: many hits
+        cache.get(*keys[sf])
+        if sf in lru:
+            lru.remove(sf)
+        elif len(lru) == 5:
+            lru.pop(0)
+        lru.append(sf)
+        assert [k.spec.start_frame for k in cache.keys()] == lru
+
+
 def test_byte_budget_is_never_exceeded() -> None:
     keys = _fresh_keys(6)
     entry_bytes = build_slice(*keys[0]).nbytes  # every key here has the same size
