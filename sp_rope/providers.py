@@ -26,6 +26,7 @@ from .spec import RopeSpec
 from .tables import build_table
 
 UNSHARDED = ShardPlan("contiguous", axis=0)
+SLICE_BUDGET = 128 * 1024**2  # sp_rope's own cache in the check: about four 480p P = 2 float64 slices
 
 NativeFn = Callable[[RopeSpec, ShardPlan, int, int, str], RopeSlice]
 
@@ -55,14 +56,16 @@ class Provider:
 class SpRopeProvider(Provider):
     """sp_rope itself: slices through a ``RopeCache``, the reference built uncached.
 
-    The cache is small on purpose (``max_entries`` 3 by default) so that a sweep over four
-    start_frames evicts entries and re-enters them.
+    The cache is bounded by bytes (``SLICE_BUDGET``) as a deployment's would be: the default run's
+    small tables all stay cached, so its re-entries are hits, while a preset's P = 2 float64
+    slices (32-74 MiB) fill it within a sweep, so eviction and re-entry still happen there. The
+    probe's eviction sweep (1024 latent sizes) evicts from any cache under 1024 entries.
     """
 
     name = "sp_rope"
 
     def __init__(self, cache: RopeCache | None = None) -> None:
-        self.cache = cache or RopeCache(max_entries=3)
+        self.cache = cache or RopeCache(max_bytes=SLICE_BUDGET)
 
     def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
         return self.cache.get(spec, plan, sp_rank, sp_size, device)
