@@ -64,9 +64,10 @@ def call(state: RankState, seat: Seat, case: Case, when: str) -> RopeSlice | Non
         if changed is not None:  # the earlier case's table is what changed
             state.fail(changed[0], "overwritten-after-return", changed[1])
     if sl.key is not None:
+        digest_of_key, short = _key_name(state, sl.key)
         record = KeyRecord(
-            key_digest(sl.key),
-            repr(sl.key)[:160],
+            digest_of_key,
+            short,
             str(digest[:2]),
             rank,
             fam.sp.size,
@@ -94,6 +95,18 @@ def _digest(state: RankState, case: int, sl: RopeSlice) -> tuple[object, ...]:
     digest = content_digest(sl.cos, sl.sin, sl.indices)
     state._last[case], state._last_digest[case] = versions, digest
     return digest
+
+
+def _key_name(state: RankState, key: object) -> tuple[str, str]:
+    """(digest, short repr) of a cache key; a key's repr is built once (a dataclass repr of a
+    spec and a plan costs more than the cache hit that returned it)."""
+    try:
+        known = state.key_names.get(key)
+    except Exception:  # noqa: BLE001 - unhashable (a list), or an __eq__ that raises (holds a tensor)
+        return key_digest(key), repr(key)[:160]
+    if known is None:
+        known = state.key_names[key] = (key_digest(key), repr(key)[:160])
+    return known
 
 
 def _line(exc: BaseException) -> str:
