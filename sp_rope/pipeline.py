@@ -386,7 +386,8 @@ def _absorb(rr: RankRun, case_index: int, scratch: CaseResult) -> None:
 
 def _probe(rr: RankRun) -> list[CaseResult]:
     """The key-completeness probe, its fields spread over the ranks but the last, which runs the
-    eviction sweep (about as long as all the fields together) and the hot-key calls."""
+    eviction sweep (about as long as all the fields together); the hot-key calls run on the rank
+    before it."""
     from .probe import probe_eviction, probe_hot_keys, probe_keys
 
     world, rank = rr.job.env.world_size, rr.job.rank
@@ -396,6 +397,7 @@ def _probe(rr: RankRun) -> list[CaseResult]:
     if rank == world - 1:
         with phase("cache eviction sweep"):
             cases.append(probe_eviction(rr.provider, rr.job.device))
+    if rank == max(world - 2, 0):
         with phase("hot keys"):
             cases.append(probe_hot_keys(rr.provider, rr.job.device))
     return cases

@@ -135,6 +135,14 @@ def variants(base: Base) -> list[Variant]:
     out.append(Variant("sp_size", replace(b, sp_size=2 * b.sp_size), f"{b.sp_size} -> {2 * b.sp_size}"))
     out.append(Variant("shard axis", replace(b, plan=base.other_axis), f"{b.plan} -> {base.other_axis}"))
     out.append(Variant("scheme", replace(b, plan=base.other_scheme), f"{b.plan} -> {base.other_scheme}"))
+    # Half the frames and twice the rows, split along h instead: SP rank 1 holds a share of the
+    # same shape (and token count), at other positions. A key on the rank's local shape instead
+    # of the grid and the shard axis gives it the other share's table. (Rank 0's shares would
+    # hold the same positions: equal tables, nothing to see.)
+    at_one = replace(b, sp_rank=1)
+    halved = (s.grid[0] // 2, 2 * s.grid[1], *s.grid[2:])
+    out.append(Variant("grid + shard axis (same local shape)", replace(at_one, plan=base.other_axis).with_spec(
+        grid=halved), f"{list(s.grid)} {b.plan} -> {list(halved)} {base.other_axis} (SP rank 1)", against=at_one))
     # A scheme's own parameter, alternating with the same scheme at another value: the last rank
     # of 5 (48 tokens: flat's modes differ there), SP rank 1 of 4 (usp's ring degrees differ).
     # SP rank 2 of 6: ring 2 x Ulysses 3 and ring 3 x Ulysses 2 (degrees that differ, which no
@@ -360,6 +368,11 @@ class Held:
         self.tables.append((name, sl, sl.cos.detach().clone(), sl.sin.detach().clone()))
         return self._release(len(self.tables) - self.window)
 
+    def same(self, which: int, sl: RopeSlice) -> bool:
+        """Whether ``sl`` holds what the ``which``-th held table held when it was kept."""
+        _, _, cos, sin = self.tables[which]
+        return torch.equal(sl.cos, cos) and torch.equal(sl.sin, sin)
+
     def release_all(self) -> bool:
         return self._release(len(self.tables))
 
@@ -373,36 +386,45 @@ class Held:
         return True
 
 
-HOT_CALLS = 64  # calls per input: more than a 50-step denoising loop makes of one key
+HOT_CALLS = 512  # calls per input: five 50-step denoising runs with CFG (100 calls each) of one key
 
 
 def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> CaseResult:
-    """Two inputs of one shape and dtype (the base, and theta + 1) asked for alternately, ``calls``
-    times each, as a long denoising loop with CFG asks for its tables: past any warm-up or
-    promotion threshold of a cache (an entry moved to a static buffer after N hits, say). Every
-    call must return the table its input's first call got (``unstable-across-steps``), and those
-    first tables, held to the end, must not change (``overwritten-after-return``)."""
+    """Inputs of one shape (the base, theta + 1, and the base in another layout and dtype, where
+    the implementation can express them) asked for in turn, ``calls`` times each, as long
+    denoising runs with CFG ask for their tables: past any warm-up, promotion or compaction
+    threshold of a cache (an entry moved to a static buffer, or re-encoded, after N hits), in
+    every layout and dtype such a rewrite can get wrong. Every call must return the table its
+    input's first call got (``unstable-across-steps``), and those first tables, held to the end,
+    must not change (``overwritten-after-return``)."""
     base = _base(provider)
-    inputs = (base.input, base.input.with_spec(theta=base.input.spec.theta + 1))
+    s = base.input.spec
+    other_layout = "half" if s.layout != "half" else "interleaved"
+    candidates = {
+        "the base input": base.input,
+        f"theta {s.theta + 1:g}": base.input.with_spec(theta=s.theta + 1),
+        f"layout {other_layout}": base.input.with_spec(layout=other_layout),
+        "the other dtype": base.input.with_spec(dtype="float32" if s.dtype == "float64" else "float64"),
+    }
     case = _case(f"hot keys ({calls} calls each)", base.input)
-    reason = provider.skip_reason(base.input.spec, base.input.plan)
+    reason = provider.skip_reason(s, base.input.plan)
     if reason is not None:
         case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
         return case
+    inputs = {name: inp for name, inp in candidates.items() if provider.skip_reason(inp.spec, inp.plan) is None}
     probe = _Probe(provider, device, base)
-    names = ("the base input", f"theta {inputs[1].spec.theta:g}")
-    held = Held(case, window=2 * calls)
+    held = Held(case, window=len(inputs) * calls)
     for step in range(calls):
-        for which, inp in enumerate(inputs):
+        for which, (name, inp) in enumerate(inputs.items()):
             sl = probe.get(inp)
-            what = f"call {step + 1} of {calls} for {names[which]}"
+            what = f"call {step + 1} of {calls} for {name}"
             if isinstance(sl, Exception) or step == 0:
                 probe.judge(case, inp, what, sl)
             if isinstance(sl, Exception) or case.diagnoses:
                 return case
             if step == 0:
-                held.keep(names[which], sl)
-            elif not (torch.equal(sl.cos, held.tables[which][2]) and torch.equal(sl.sin, held.tables[which][3])):
+                held.keep(name, sl)
+            elif not held.same(which, sl):
                 case.fail("unstable-across-steps", f"{what} returned another table than its first call")
                 return case
     held.release_all()

@@ -4,6 +4,7 @@ express, and the fields they cannot express are reported skipped, never passed."
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -30,8 +31,9 @@ FIELDS = [
     "theta_rescale_factor[0]", "theta_rescale_factor[1]", "theta_rescale_factor[2]",
     "interpolation_factor[0]", "interpolation_factor[1]", "interpolation_factor[2]",
     "head dim", "dtype", "layout", "layout (neox)", "start_frame", "sp_rank", "sp_size", "shard axis", "scheme",
-    *SCHEME_PARAMETERS,
+    *SCHEME_PARAMETERS, "grid + shard axis (same local shape)",
 ]
+LOCAL_SHAPE = FIELDS[-1]  # alternates with SP rank 1 of the base: a key without sp_rank fails it too
 # A key without one field (as the catalog's native implementation names key fields), and the
 # probe fields that must then fail: the field itself and every variant that also changes it.
 KEY_FIELD_FAILS = {
@@ -50,7 +52,7 @@ KEY_FIELD_FAILS = {
     "dtype": {"dtype"},
     "layout": {"layout", "layout (neox)"},
     "start_frame": {"start_frame"},
-    "sp_rank": {"sp_rank"},
+    "sp_rank": {"sp_rank", LOCAL_SHAPE},
     "sp_size": {"sp_size"},
     "shard axis": {"shard axis"},
     "scheme": {"scheme", *SCHEME_PARAMETERS},
@@ -132,6 +134,13 @@ def _rest(spec, plan, sp_rank, sp_size):  # type: ignore[no-untyped-def]
     return (spec.dtype, spec.layout, spec.start_frame, str(plan), sp_rank, sp_size)
 
 
+def _local_shape(grid, plan, sp_size):  # type: ignore[no-untyped-def]
+    """What a rank holds, as a model that shards the latent before building its table sees it."""
+    if plan.scheme != "contiguous":
+        return (math.prod(grid) // sp_size, str(plan))
+    return tuple(n // sp_size if a == plan.axis else n for a, n in enumerate(grid))
+
+
 # Keys that hold every field in some form, and still lose a difference; the probe field that sees it.
 NEAR_MISS_KEYS = {
     "the product of h and w": (
@@ -149,6 +158,11 @@ NEAR_MISS_KEYS = {
                             " ".join(f"{v:.2f}" for v in (*s.theta_rescale_factor, *s.interpolation_factor)),
                             *_rest(s, p, r, n)),
         set(NUDGES),
+    ),
+    "the rank's local shape instead of the grid and shard axis": (
+        lambda s, p, r, n: (_local_shape(s.grid, p, n), s.rope_dim_list, s.theta, s.theta_rescale_factor,
+                            s.interpolation_factor, s.dtype, s.layout, s.start_frame, r, n),
+        {LOCAL_SHAPE},
     ),
     "the scheme's name without its parameter": (
         lambda s, p, r, n: (s, p.scheme, p.axis, r, n),
@@ -180,7 +194,7 @@ KEY_MUTANTS = {
     "fv_key_no_rope_dim_list": {*DIM_MOVES, "head dim"},
     "fv_key_no_dtype": {"dtype"},
     "fv_key_no_start_frame": {"start_frame"},
-    "fv_key_no_sp_rank": {"sp_rank"},
+    "fv_key_no_sp_rank": {"sp_rank", LOCAL_SHAPE},
     "fv_key_no_sp_world_size": {"sp_size"},
 }
 
@@ -194,7 +208,7 @@ def test_catalog_key_mutants_are_named_by_the_field_their_key_forgets(name):
 def test_another_wrong_table_is_an_oracle_mismatch_naming_the_varied_field():
     # start_frame added after sharding, on SP rank 0 only: rank 1's table is wrong, and new.
     cases = probe_keys(_provider("fv_start_frame_rank0"), "cpu")
-    assert _failures(cases) == {"sp_rank": ["oracle-mismatch"]}
+    assert _failures(cases) == {"sp_rank": ["oracle-mismatch"], LOCAL_SHAPE: ["oracle-mismatch"]}
     (case,) = [c for c in cases if c.scheme == "sp_rank"]
     assert "sp_rank changed alone (0 -> 1)" in case.details[0] and "float64 formula" in case.details[0]
 
@@ -373,6 +387,33 @@ def test_an_entry_that_changes_after_many_hits_is_caught_by_the_hot_keys(after):
     case = probe_hot_keys(NativeProvider(_Promoting(after), "promoting"), "cpu")
     assert case.status == "failed", case.details
     assert set(case.diagnoses) <= {"unstable-across-steps", "overwritten-after-return"}, case.details
+
+
+class _Compacting:
+    """Correct tables, but after ``after`` hits a half-layout entry is stored as its even columns
+    and re-expanded on each hit (right only for a layout that repeats every column)."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.entries, self.hits = after, {}, {}
+
+    def __call__(self, spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        key = (spec, plan, sp_rank, sp_size)
+        if key not in self.entries:
+            tokens = plan.indices(spec.grid, sp_rank, sp_size)
+            self.entries[key], self.hits[key] = RopeSlice(*build_table(spec, tokens), tokens), 0
+        self.hits[key] += 1
+        entry = self.entries[key]
+        if spec.layout == "half" and self.hits[key] > self.after:
+            return RopeSlice(entry.cos[:, ::2].repeat_interleave(2, 1), entry.sin[:, ::2].repeat_interleave(2, 1),
+                             entry.indices)
+        return entry
+
+
+@pytest.mark.parametrize("after", [100, 300])
+def test_an_entry_rewritten_after_many_hits_in_one_layout_only_is_caught_by_the_hot_keys(after):
+    case = probe_hot_keys(NativeProvider(_Compacting(after), "compacting"), "cpu")
+    assert case.diagnoses == ["unstable-across-steps"], case.details
+    assert f"call {after + 1} of {HOT_CALLS} for layout half returned another table" in case.details[0], case.details
 
 
 def test_sp_rope_itself_passes_the_cache_probes():
