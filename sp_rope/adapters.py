@@ -319,15 +319,19 @@ class FastVideoNdProvider(Provider):
         return self._build(spec, UNSHARDED, 0, 1, device)
 
 
+WAN_PATCH = (1, 2, 2)  # Wan 2.1's patch (t, h, w): a latent of 2H x 2W is an H x W grid of tokens
+
+
 class DiffusersWanProvider(Provider):
     """A ``WanRotaryPosEmbed``-like class (diffusers' own without ``--impl``), sharded as diffusers'
     context-parallel plan shards its output: a contiguous split of the flattened sequence.
 
-    The class is constructed as diffusers constructs it, ``cls(attention_head_dim,
-    patch_size=(1, 1, 1), max_seq_len, theta=theta)``, once per head dim and theta (one model),
-    and called on a latent ``[1, C, T, H, W]`` for every table, returning ``(cos, sin)`` shaped
-    ``[1, T*H*W, 1, D]``. diffusers' tables are float32 (angles in float64), so only float32 cases
-    are expressible; there is no start_frame, rescale or interpolation argument."""
+    The class is constructed as diffusers constructs it for Wan, ``cls(attention_head_dim,
+    patch_size=(1, 2, 2), max_seq_len, theta=theta)``, once per head dim and theta (one model),
+    and called on a latent ``[1, C, T, 2H, 2W]`` for every table (patchified, the grid is
+    ``(T, H, W)``), returning ``(cos, sin)`` shaped ``[1, T*H*W, 1, D]``. diffusers' tables are
+    float32 (angles in float64), so only float32 cases are expressible; there is no start_frame,
+    rescale or interpolation argument."""
 
     def __init__(self, cls: Any = None, impl: str | None = None) -> None:
         if cls is None and importlib.util.find_spec("diffusers") is None:
@@ -335,7 +339,7 @@ class DiffusersWanProvider(Provider):
             raise ConfigError("--convention diffusers-wan needs diffusers: pip install -e '.[diffusers]'")
         self.cls = cls
         self.name = f"diffusers-wan ({impl or 'diffusers WanRotaryPosEmbed'})"
-        self._models: dict[tuple[int, float], Any] = {}
+        self._models: dict[tuple[int, float, int], Any] = {}
 
     def skip_reason(self, spec: RopeSpec, plan: ShardPlan) -> str | None:
         if str(plan) != "flat":
@@ -353,15 +357,19 @@ class DiffusersWanProvider(Provider):
             from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
             self.cls = WanRotaryPosEmbed
-        key = (spec.head_dim, spec.theta)
+        # Wan's own max_seq_len (1024); an axis longer than that needs a model built for more
+        # positions (the next power of two), as a pipeline for such latents would build.
+        positions = max(1024, 1 << (max(spec.grid) - 1).bit_length())
+        key = (spec.head_dim, spec.theta, positions)
         if key not in self._models:
-            # Wan's own max_seq_len; a larger grid needs more precomputed positions.
-            self._models[key] = self.cls(spec.head_dim, (1, 1, 1), max(1024, *spec.grid), theta=spec.theta)
+            self._models[key] = self.cls(spec.head_dim, WAN_PATCH, positions, theta=spec.theta)
         return self._models[key]
 
     def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
-        # A bfloat16 latent, as inference runs: the tables' dtype must not follow the input's.
-        cos, sin = self._model(spec)(torch.zeros(1, 1, *spec.grid, dtype=torch.bfloat16))
+        # A bfloat16 latent, as inference runs: the tables' dtype must not follow the input's. Its
+        # frames, height and width are the grid's times Wan's patch: the table is the patches'.
+        latent = tuple(n * p for n, p in zip(spec.grid, WAN_PATCH))
+        cos, sin = self._model(spec)(torch.zeros(1, 1, *latent, dtype=torch.bfloat16))
         cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
         return RopeSlice(cos.to(device), sin.to(device), torch.arange(spec.num_tokens))
 

@@ -267,6 +267,10 @@ def breadth_configs(rng: random.Random) -> tuple[GeometryConfig, ...]:
         # context extension): code that lifts every grid to 3-D shifts the wrong axis.
         GeometryConfig("b-2d", (12, 8), 32, (16, 16), 1.0e4, 1.0, (1.0, 0.5)),
         GeometryConfig("b-1d", (96,), 32, (32,), 5.0e5, 1.0, 0.25),
+        # An axis past the integers bfloat16 (256) and float16 (2048) hold exactly: positions
+        # made in the latent's dtype repeat and skip there. Wan's split, factors 1: every
+        # convention expresses it (the t axis meets such positions through start_frame).
+        GeometryConfig("b-long", (2, 1, 2100), 24, (8, 8, 8), 1.0e4),
     )
     return fixed + tuple(_random_config(rng, i) for i in range(2))
 

@@ -119,6 +119,13 @@ def variants(base: Base) -> list[Variant]:
         out.append(
             Variant(f"{name}[0] (x(1+2^-10))", b.with_spec(**{name: nudged}), f"{values[0]:g} -> {nudged[0]:.9g}")
         )
+        # The same values on other axes (rotated by one, against the base or, where its values
+        # are all equal, against one changed on t): a key on the set or the sorted values.
+        unequal = values if len(set(values)) > 1 else (values[0] * 1.5, *values[1:])
+        rotated = (*unequal[1:], unequal[0])
+        out.append(Variant(f"{name} (same values, other axes)", b.with_spec(**{name: rotated}),
+                           f"{list(unequal)} -> {list(rotated)}", None if unequal == values else b.with_spec(
+                               **{name: unequal})))
     other_dtype = "float32" if s.dtype == "float64" else "float64"
     out.append(Variant("dtype", b.with_spec(dtype=other_dtype), f"{s.dtype} -> {other_dtype}"))
     other_layout = "half" if s.layout != "half" else "interleaved"

@@ -22,6 +22,7 @@ from sp_rope.tables import build_table
 SWAPS = ["grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "grid[0] <-> grid[2]"]
 DIM_MOVES = ["rope_dim_list[1] -> [0]", "rope_dim_list[1] -> [2]", "rope_dim_list[0] -> [2]"]
 NUDGES = ["theta (+0.1)", "theta_rescale_factor[0] (x(1+2^-10))", "interpolation_factor[0] (x(1+2^-10))"]
+REORDERED = ["theta_rescale_factor (same values, other axes)", "interpolation_factor (same values, other axes)"]
 SCHEME_PARAMETERS = [
     "scheme parameter (usp:2 / usp:4)", "scheme parameter (usp:2 / usp:1)", "scheme parameter (usp:2 / usp:3)",
     "scheme parameter (flat:pad / flat:uneven)",
@@ -29,7 +30,7 @@ SCHEME_PARAMETERS = [
 FIELDS = [
     "grid[0]", "grid[1]", "grid[2]", *SWAPS, *DIM_MOVES, "theta", *NUDGES,
     "theta_rescale_factor[0]", "theta_rescale_factor[1]", "theta_rescale_factor[2]",
-    "interpolation_factor[0]", "interpolation_factor[1]", "interpolation_factor[2]",
+    "interpolation_factor[0]", "interpolation_factor[1]", "interpolation_factor[2]", *REORDERED,
     "head dim", "dtype", "layout", "layout (neox)", "start_frame", "sp_rank", "sp_size", "shard axis", "scheme",
     *SCHEME_PARAMETERS, "grid + shard axis (same local shape)",
 ]
@@ -43,9 +44,11 @@ KEY_FIELD_FAILS = {
     "grid[2]": {"grid[2]"},
     "rope_dim_list": {*DIM_MOVES, "head dim"},
     "theta": {"theta", NUDGES[0]},
-    "theta_rescale_factor[0]": {"theta_rescale_factor[0]", NUDGES[1]},
+    # The reordered rescale alternates (3, 2, 2) with (2, 2, 3): without [0] the first is the base's key,
+    # without [2] the second.
+    "theta_rescale_factor[0]": {"theta_rescale_factor[0]", NUDGES[1], REORDERED[0]},
     "theta_rescale_factor[1]": {"theta_rescale_factor[1]"},
-    "theta_rescale_factor[2]": {"theta_rescale_factor[2]"},
+    "theta_rescale_factor[2]": {"theta_rescale_factor[2]", REORDERED[0]},
     "interpolation_factor[0]": {"interpolation_factor[0]", NUDGES[2]},
     "interpolation_factor[1]": {"interpolation_factor[1]"},
     "interpolation_factor[2]": {"interpolation_factor[2]"},
@@ -164,6 +167,13 @@ NEAR_MISS_KEYS = {
                             s.interpolation_factor, s.dtype, s.layout, s.start_frame, r, n),
         {LOCAL_SHAPE},
     ),
+    "each factor as its set of values": (
+        lambda s, p, r, n: (s.grid, s.rope_dim_list, s.theta, tuple(sorted(set(s.theta_rescale_factor))),
+                            tuple(sorted(set(s.interpolation_factor))), *_rest(s, p, r, n)),
+        # In one process rescale[1]'s (2, 3, 2) also meets rescale[0]'s (3, 2, 2); spread over ranks
+        # those land in different processes, the reordered fields hold both inputs themselves.
+        {*REORDERED, "theta_rescale_factor[1]", "theta_rescale_factor[2]"},
+    ),
     "the scheme's name without its parameter": (
         lambda s, p, r, n: (s, p.scheme, p.axis, r, n),
         set(SCHEME_PARAMETERS),
@@ -188,7 +198,7 @@ def test_a_key_on_the_identity_of_the_spec_is_caught():
 KEY_MUTANTS = {
     "fv_key_grid_th": {"grid[2]", SWAPS[2]},  # (6, 2, 4) meets grid[0]'s (6, 2, 6), still cached
     "fv_key_no_theta": {"theta", NUDGES[0]},
-    "fv_key_rescale_first": {"theta_rescale_factor[1]", "theta_rescale_factor[2]"},
+    "fv_key_rescale_first": {"theta_rescale_factor[1]", "theta_rescale_factor[2]", REORDERED[0]},
     "fv_key_interp_first_two": {"interpolation_factor[2]"},
     "fv_key_no_use_real": {"layout"},
     "fv_key_no_rope_dim_list": {*DIM_MOVES, "head dim"},
