@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import random
 import sys
 
 import pytest
@@ -13,6 +15,7 @@ from helpers import REPO, check
 from sp_rope import RopeSpec, ShardPlan, build_table
 from sp_rope.adapters import CacheWatcher, DiffusersWanProvider, load_object, make_provider
 from sp_rope.cache import RopeSlice
+from sp_rope.matrix import breadth_configs
 from sp_rope.oracle import oracle_table, tolerance
 
 FASTVIDEO = REPO / "sp_rope" / "mutants" / "fastvideo.py"
@@ -297,3 +300,54 @@ def test_diffusers_wan_tables_must_not_follow_a_bfloat16_latent():
     spec = RopeSpec.for_head_dim((2, 4, 6), 24, dtype="float32")
     assert DiffusersWanProvider().full(spec, "cpu").cos.dtype == torch.float32  # diffusers' own: float32
     assert DiffusersWanProvider(_FollowsInputDtype).full(spec, "cpu").cos.dtype == torch.bfloat16
+
+
+class _LatentGrid:
+    """A Wan RoPE that builds its table on the latent's own frames, height and width (before
+    patchifying) and cuts it to the token count: right only for a patch of (1, 1, 1)."""
+
+    def __init__(self, attention_head_dim, patch_size, max_seq_len, theta=10000.0):  # type: ignore[no-untyped-def]
+        self.head_dim, self.patch, self.theta = attention_head_dim, tuple(patch_size), theta
+
+    def __call__(self, hidden_states):  # type: ignore[no-untyped-def]
+        frames, height, width = hidden_states.shape[2:]
+        tokens = math.prod(n // p for n, p in zip((frames, height, width), self.patch))
+        cos, sin = build_table(RopeSpec.for_head_dim((frames, height, width), self.head_dim, theta=self.theta,
+                                                     dtype="float32"))
+        return cos[:tokens].reshape(1, tokens, 1, -1), sin[:tokens].reshape(1, tokens, 1, -1)
+
+
+class _PositionsInLatentDtype(_LatentGrid):
+    """A Wan RoPE whose positions are made in the latent's dtype (bfloat16 at inference)."""
+
+    def __call__(self, hidden_states):  # type: ignore[no-untyped-def]
+        grid = tuple(n // p for n, p in zip(hidden_states.shape[2:], self.patch))
+        spec = RopeSpec.for_head_dim(grid, self.head_dim, theta=self.theta, dtype="float32")
+        coords = [torch.arange(n, dtype=hidden_states.dtype).double() for n in grid]
+        angles = []
+        for axis, dim in enumerate(spec.rope_dim_list):
+            freqs = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+            shape = [1, 1, 1, dim // 2]
+            shape[axis] = grid[axis]
+            angles.append(torch.outer(coords[axis], freqs).view(shape).expand(*grid, dim // 2))
+        theta = torch.cat(angles, -1).reshape(-1, spec.width // 2)
+        cos, sin = theta.cos().float().repeat_interleave(2, 1), theta.sin().float().repeat_interleave(2, 1)
+        return cos.reshape(1, -1, 1, spec.width), sin.reshape(1, -1, 1, spec.width)
+
+
+def test_diffusers_wan_is_called_with_wans_patch():
+    # With a (1, 1, 1) patch, a table built before patchifying is the right one.
+    spec = RopeSpec.for_head_dim((2, 3, 4), 24, dtype="float32")
+    want_cos, _ = oracle_table(spec)
+    got = DiffusersWanProvider(_LatentGrid).full(spec, "cpu").cos.double()
+    assert got.shape == want_cos.shape and float((got - want_cos).abs().max()) > 1e-2
+
+
+def test_the_long_breadth_axis_catches_positions_made_in_bfloat16():
+    (long,) = [c for c in breadth_configs(random.Random(0)) if max(c.grid) > 2048]
+    spec = long.spec("float32", "interleaved", 0)
+    assert DiffusersWanProvider().skip_reason(spec, ShardPlan("flat")) is None  # every convention expresses it
+    want_cos, _ = oracle_table(spec)
+    for cls, wrong in ((_PositionsInLatentDtype, True), (None, False)):  # None: diffusers' own
+        got = DiffusersWanProvider(cls).full(spec, "cpu").cos.double()
+        assert (float((got - want_cos).abs().max()) > tolerance(spec)) is wrong
