@@ -388,12 +388,13 @@ def _probe(rr: RankRun) -> list[CaseResult]:
     """The key-completeness probe, its fields spread over the ranks but the last, which runs the
     eviction sweep (about as long as all the fields together); the hot-key calls run on the rank
     before it."""
-    from .probe import probe_eviction, probe_hot_keys, probe_keys
+    from .probe import field_groups, probe_eviction, probe_hot_keys, probe_keys
 
     world, rank = rr.job.env.world_size, rr.job.rank
     spread = max(world - 1, 1)
+    groups = field_groups(rr.provider)
     with phase("key-completeness probe"):
-        cases = probe_keys(rr.provider, rr.job.device, only=lambda i: rank < spread and i % spread == rank)
+        cases = probe_keys(rr.provider, rr.job.device, only=lambda i: rank < spread and groups[i] % spread == rank)
     if rank == world - 1:
         with phase("cache eviction sweep"):
             cases.append(probe_eviction(rr.provider, rr.job.device))

@@ -266,6 +266,17 @@ def _base(provider: Provider) -> Base:
     return next((b for b in BASES if provider.skip_reason(b.input.spec, b.input.plan) is None), BASES[0])
 
 
+def field_groups(provider: Provider) -> list[int]:
+    """For each probe index (0: the base), the number of its field's group: the variants of one
+    field (grid, theta, one factor list, ...) in one group, so that ranks sharing out the fields by
+    group keep related variants in one process, where one can meet another's cache entry (rescale
+    (3, 2, 2) and (2, 3, 2) under a key on the set of values)."""
+    names = ["base"] + [v.field for v in variants(_base(provider))]
+    groups = [name.split("[")[0].split(" (")[0].split(" + ")[0] for name in names]
+    numbers = {group: i for i, group in enumerate(dict.fromkeys(groups))}
+    return [numbers[group] for group in groups]
+
+
 def probe_keys(provider: Provider, device: str, only: Callable[[int], bool] | None = None) -> list[CaseResult]:
     """One case for the base input (index 0) and one per varied field (indices 1...), those that
     ``only`` selects; an input the provider cannot express is a skipped case, never a pass."""

@@ -13,7 +13,7 @@ from sp_rope.adapters import DiffusersWanProvider, make_provider
 from sp_rope.cache import RopeSlice
 from sp_rope.mutants import catalog
 from sp_rope.mutants.native import NativeRope
-from sp_rope.probe import EVICTION_DEPTH, HOT_CALLS, probe_eviction, probe_hot_keys, probe_keys
+from sp_rope.probe import EVICTION_DEPTH, HOT_CALLS, field_groups, probe_eviction, probe_hot_keys, probe_keys
 from sp_rope.providers import NativeProvider, Provider, SpRopeProvider
 from sp_rope.report import CaseResult
 from sp_rope.tables import build_table
@@ -282,6 +282,16 @@ def test_only_spreads_the_fields_over_ranks_each_exactly_once():
     everything = [name for names in per_rank for name in names]
     assert sorted(everything) == sorted(["base", *FIELDS])
     assert per_rank[0][0] == "base" and all(len(names) >= 4 for names in per_rank)
+
+
+def test_the_variants_of_one_field_share_a_group_so_a_rank_runs_them_together():
+    names = [c.scheme for c in probe_keys(SpRopeProvider(), "cpu")]  # in the probe's index order
+    groups = dict(zip(names, field_groups(SpRopeProvider()), strict=True))
+    for family in (["grid[0]", "grid[2]", *SWAPS, LOCAL_SHAPE], ["theta", NUDGES[0]], DIM_MOVES,
+                   ["theta_rescale_factor[0]", "theta_rescale_factor[2]", NUDGES[1], REORDERED[0]],
+                   ["interpolation_factor[1]", NUDGES[2], REORDERED[1]], SCHEME_PARAMETERS):
+        assert len({groups[name] for name in family}) == 1, family
+    assert len(set(groups.values())) >= 8 and groups["base"] == 0
 
 
 def test_theta_held_in_float32_for_a_float64_table_is_an_oracle_mismatch_every_run():
