@@ -362,7 +362,14 @@ class DiffusersWanProvider(Provider):
         positions = max(1024, 1 << (max(spec.grid) - 1).bit_length())
         key = (spec.head_dim, spec.theta, positions)
         if key not in self._models:
-            self._models[key] = self.cls(spec.head_dim, WAN_PATCH, positions, theta=spec.theta)
+            # Built as pipelines build a bfloat16 transformer: under a bfloat16 default dtype, so a
+            # table precomputed in the default dtype (an arange without a dtype) is seen.
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                self._models[key] = self.cls(spec.head_dim, WAN_PATCH, positions, theta=spec.theta)
+            finally:
+                torch.set_default_dtype(default)
         return self._models[key]
 
     def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:

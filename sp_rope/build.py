@@ -14,7 +14,7 @@ from .cache import CacheMutationError, RopeSlice
 from .dist import Job
 from .judge import KeyRecord, Retention, content_digest, key_digest
 from .matrix import Case, Family
-from .providers import Provider
+from .providers import Provider, as_a_model_calls
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ def call(state: RankState, seat: Seat, case: Case, when: str) -> RopeSlice | Non
     judging; None for other calls and when the call found a corrupted cache entry."""
     fam, rank = seat.family, state.job.rank
     try:
-        sl = state.provider.get(case.spec, fam.plan, seat.sp_rank, fam.sp.size, state.job.device)
+        with as_a_model_calls(state.job.device):
+            sl = state.provider.get(case.spec, fam.plan, seat.sp_rank, fam.sp.size, state.job.device)
     except CacheMutationError as exc:
         state.fail(case.index, "mutated-in-place", f"rank {rank}: {exc}")
         return None

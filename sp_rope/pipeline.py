@@ -44,7 +44,7 @@ from .levels import (
 )
 from .matrix import Case, Family, SpLayout, expand, families
 from .progress import Progress
-from .providers import Provider
+from .providers import Provider, as_a_model_calls
 from .report import CaseResult, Report
 from .sharding import ShardError
 
@@ -200,7 +200,8 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
     scratch = CaseResult("", "", 0, sf, spec.dtype, spec.layout)
     with phase(f"reference {spec.grid} {spec.dtype}/{spec.layout} start_frame {sf}"):
         try:
-            built = rr.provider.full(spec, rr.job.device, within)
+            with as_a_model_calls(rr.job.device):
+                built = rr.provider.full(spec, rr.job.device, within)
             # Not copied (a copy would double the largest table a rank holds): its version counters
             # show whether the implementation wrote into it while its slices were judged.
             reference = RopeSlice(built.cos.detach().cpu(), built.sin.detach().cpu(), built.indices)

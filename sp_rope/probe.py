@@ -27,7 +27,7 @@ import torch
 from .cache import CacheMutationError, RopeSlice
 from .judge import content_digest
 from .oracle import oracle_table, tolerance
-from .providers import Provider
+from .providers import Provider, as_a_model_calls
 from .report import CaseResult
 from .sharding import ShardPlan, parse_plan
 from .spec import RopeSpec, default_rope_dim_list
@@ -198,7 +198,8 @@ class _Probe:
         spec = inp.spec.replace()
         plan = replace(inp.plan)
         try:
-            return self.provider.get(spec, plan, inp.sp_rank, inp.sp_size, self.device)
+            with as_a_model_calls(self.device):
+                return self.provider.get(spec, plan, inp.sp_rank, inp.sp_size, self.device)
         except Exception as exc:  # noqa: BLE001 - the implementation failed: a verdict, not a crash
             return exc
         finally:

@@ -15,6 +15,7 @@ two ranks share an entry. ``sp_size == 1`` asks for the unsharded table.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -29,6 +30,14 @@ UNSHARDED = ShardPlan("contiguous", axis=0)
 SLICE_BUDGET = 128 * 1024**2  # sp_rope's own cache in the check: about four 480p P = 2 float64 slices
 
 NativeFn = Callable[[RopeSpec, ShardPlan, int, int, str], RopeSlice]
+
+
+def as_a_model_calls(device: str) -> contextlib.AbstractContextManager[object]:
+    """The context a bfloat16 model's forward calls its RoPE in: autocast to bfloat16 on the
+    device. Tables must not change under it (a matmul of positions and frequencies without an
+    autocast guard comes out in bfloat16); only the implementation's calls run in it, never the
+    check's own judging."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 class Provider:

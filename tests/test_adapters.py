@@ -351,3 +351,32 @@ def test_the_long_breadth_axis_catches_positions_made_in_bfloat16():
     for cls, wrong in ((_PositionsInLatentDtype, True), (None, False)):  # None: diffusers' own
         got = DiffusersWanProvider(cls).full(spec, "cpu").cos.double()
         assert (float((got - want_cos).abs().max()) > tolerance(spec)) is wrong
+
+
+class _DefaultDtypeTables(_LatentGrid):
+    """A Wan RoPE whose per-axis tables are precomputed in torch's default dtype at construction."""
+
+    def __init__(self, attention_head_dim, patch_size, max_seq_len, theta=10000.0):  # type: ignore[no-untyped-def]
+        super().__init__(attention_head_dim, patch_size, max_seq_len, theta)
+        dims = RopeSpec.for_head_dim((1, 1, 1), attention_head_dim).rope_dim_list
+        self.axes = [torch.outer(torch.arange(max_seq_len) * 1.0, 1.0 / theta ** (torch.arange(0, d, 2) / d))
+                     for d in dims]
+
+    def __call__(self, hidden_states):  # type: ignore[no-untyped-def]
+        grid = tuple(n // p for n, p in zip(hidden_states.shape[2:], self.patch))
+        parts = []
+        for axis, angles in enumerate(self.axes):
+            shape = [1, 1, 1, angles.shape[1]]
+            shape[axis] = grid[axis]
+            parts.append(angles[: grid[axis]].float().view(shape).expand(*grid, -1))
+        theta = torch.cat(parts, -1).reshape(math.prod(grid), -1)
+        cos, sin = theta.cos().repeat_interleave(2, 1), theta.sin().repeat_interleave(2, 1)
+        return cos.reshape(1, cos.shape[0], 1, -1), sin.reshape(1, sin.shape[0], 1, -1)
+
+
+def test_diffusers_wan_classes_are_built_under_a_bfloat16_default_dtype():
+    spec = RopeSpec.for_head_dim((2, 3, 300), 24, dtype="float32")
+    want_cos, _ = oracle_table(spec)
+    got = DiffusersWanProvider(_DefaultDtypeTables).full(spec, "cpu").cos.double()
+    assert float((got - want_cos).abs().max()) > tolerance(spec)
+    assert torch.get_default_dtype() == torch.float32  # restored

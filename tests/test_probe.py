@@ -8,6 +8,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from sp_rope.adapters import DiffusersWanProvider, make_provider
 from sp_rope.cache import RopeSlice
@@ -440,3 +441,16 @@ def test_sp_rope_itself_passes_the_cache_probes():
     for probe in (probe_eviction, probe_hot_keys):
         case = probe(SpRopeProvider(), "cpu")
         assert case.status == "passed", case.details
+
+
+def test_tables_made_with_an_unguarded_matmul_fail_when_called_as_a_bfloat16_model_calls_them():
+    # A matmul in the table's dtype (as positions @ inverse frequencies is): right in float32, but
+    # bfloat16 under the autocast a bf16 forward runs in (float64 is left alone).
+    def rope(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        tokens = plan.indices(spec.grid, sp_rank, sp_size)
+        cos, sin = build_table(spec, tokens)
+        scale = torch.tensor([[1 + 2**-10]], dtype=cos.dtype) @ torch.ones(1, 1, dtype=cos.dtype)
+        return RopeSlice(cos * scale / (1 + 2**-10), sin * scale / (1 + 2**-10), tokens)
+
+    failures = _failures(probe_keys(NativeProvider(rope, "matmul"), "cpu"))
+    assert failures.get("dtype") == ["oracle-mismatch"] and "base" not in failures, failures
