@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Reversible
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,28 +111,74 @@ class CacheWatcher:
             held = vars(value).values() if hasattr(value, "__dict__") else ()
         return tuple(h for h in held if isinstance(h, torch.Tensor))
 
-    def key_for(self, returned: tuple[torch.Tensor, ...], before: set[int]) -> Hashable | None:
-        keys = list(self.mapping.keys())
-        present = {id(key) for key in keys}
-        for key in keys:
-            if id(key) not in self._indexed:
-                self._indexed.add(id(key))
-                self._holder.update((id(t), key) for t in self._held(key))
-        # The entry that holds the very tensors returned is the one that was used...
+    def size(self) -> int | None:
+        """The mapping's entry count, or None when it has no length."""
+        try:
+            return len(self.mapping)
+        except TypeError:
+            return None
+
+    def key_for(self, returned: tuple[torch.Tensor, ...], before: Snapshot) -> Hashable | None:
+        recent = self._added_since(before)
+        for key in recent:
+            self._index(key)
+        # The entry that holds the very tensors returned is the one that was used (one look)...
         for r in returned:
             key = self._holder.get(id(r))
-            if key is not None and id(key) in present and any(h is r for h in self._held(key)):
+            if key is not None and self._holds(key, r):
                 return key
-        for key in keys:  # (an entry whose value was replaced, or whose key took a freed key's id)
-            if any(h is r for h in self._held(key) for r in returned):
-                return key
+        if not recent:  # (an entry whose value was replaced, or whose key took a freed key's id)
+            keys = list(self.mapping.keys())
+            for key in keys:
+                self._index(key)
+            for key in keys:
+                if any(h is r for h in self._held(key) for r in returned):
+                    return key
         # ... unless the implementation hands out copies: then the key it just added.
-        added = [key for key in keys if id(key) not in before]
-        return added[-1] if added else None
+        return recent[0] if recent else None
 
-    def snapshot(self) -> set[int]:
-        """The ids of the keys held now (ids: hashing every key per call would cost more)."""
-        return {id(key) for key in self.mapping.keys()}
+    def snapshot(self) -> Snapshot:
+        """Where the mapping ends now: the keys a call adds are those after its last key (a look
+        at the new keys only, not at every entry: a sweep makes thousands of them)."""
+        if isinstance(self.mapping, Reversible):
+            tail = next(reversed(self.mapping), _EMPTY)
+            return Snapshot(None if tail is _EMPTY else id(tail))
+        return Snapshot(None, frozenset(id(key) for key in self.mapping.keys()))  # no order: every id
+
+    def _added_since(self, before: Snapshot) -> list[Hashable]:
+        """The keys added since ``before``, newest first."""
+        if before.ids is not None:
+            return [key for key in reversed(list(self.mapping.keys())) if id(key) not in before.ids]
+        added: list[Hashable] = []
+        for key in reversed(self.mapping):  # type: ignore[call-overload]  # Reversible, see snapshot
+            if before.tail is not None and id(key) == before.tail:
+                return added
+            added.append(key)
+        # Empty before; or its last key is gone (evicted by the call): the keys never seen.
+        return added if before.tail is None else [key for key in added if id(key) not in self._indexed]
+
+    def _index(self, key: Hashable) -> None:
+        if id(key) not in self._indexed:
+            self._indexed.add(id(key))
+            self._holder.update((id(t), key) for t in self._held(key))
+
+    def _holds(self, key: Hashable, tensor: torch.Tensor) -> bool:
+        try:
+            return key in self.mapping and any(h is tensor for h in self._held(key))
+        except Exception:  # noqa: BLE001 - a key whose __eq__ raises, a mapping that refuses it
+            return False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Where a watched mapping ended before a call: its last key's id (None: it was empty), or,
+    for a mapping without an order, every key's id."""
+
+    tail: int | None
+    ids: frozenset[int] | None = None
+
+
+_EMPTY = object()
 
 
 HEADS = 12  # heads_num passed to the fastvideo convention (hidden_size = HEADS x head_dim), as in Wan 1.3B
@@ -251,10 +297,13 @@ class FastVideoProvider(Provider):
 
     def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
         axis = 0 if plan.axis is None else plan.axis
-        before = self.watcher.snapshot() if self.watcher else set()
+        before = self.watcher.snapshot() if self.watcher else None
         cos, sin = self._call(spec, axis, _Group(sp_rank, sp_size), sp_size > 1)
-        key = self.watcher.key_for((cos, sin), before) if self.watcher else None
+        key = self.watcher.key_for((cos, sin), before) if self.watcher and before else None
         return RopeSlice(cos, sin, plan.indices(spec.grid, sp_rank, sp_size), key)
+
+    def cache_size(self) -> int | None:
+        return None if self.watcher is None else self.watcher.size()
 
     def full(self, spec: RopeSpec, device: str, within: tuple[int, int] = (0, 1)) -> RopeSlice:
         # Asked from inside the real SP group, with do_sp_sharding=False: a function that shards

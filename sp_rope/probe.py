@@ -19,7 +19,9 @@ fields by index (0 is the base input itself), so several ranks can share the wor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -308,6 +310,13 @@ def probe_keys(provider: Provider, device: str, only: Callable[[int], bool] | No
 
 EVICTION_DEPTH = 1024  # distinct inputs asked for in a row: more than any cache bounded below it holds
 EVICTION_ORACLE_EVERY = 64  # first-pass tables also judged against the formula (the rest by digest)
+# With a cache the check can see (--impl-cache, or sp_rope's own), the sweep goes on while it has
+# not evicted yet, up to EVICTION_MAX inputs, and past its first eviction for as many inputs as it
+# held then (at least EVICTION_PAST): every entry has been evicted or has outlived an eviction
+# since, so a cache bounded at 4096 entries is tested like one bounded at 100.
+EVICTION_MAX = 10240
+EVICTION_PAST = 1024
+EVICTION_EXTRA_S = 20.0  # seconds the sweep may go on past its first EVICTION_DEPTH inputs
 
 
 def _sweep_grids(count: int) -> list[tuple[int, ...]]:
@@ -317,32 +326,77 @@ def _sweep_grids(count: int) -> list[tuple[int, ...]]:
     return grids[:count] if count <= len(grids) else grids + [(2, 1, w) for w in range(17, 17 + count - len(grids))]
 
 
-def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH) -> CaseResult:
+def _sweep_inputs(provider: Provider, base: ProbeInput, depth: int) -> Iterator[ProbeInput]:
+    """``depth`` latent sizes of one model, then (where the implementation has a start_frame) a
+    tiny latent at one causal offset after another, as a long video streams: cheap tables, so the
+    sweep can go on until a large cache evicts."""
+    yield from (base.with_spec(grid=grid) for grid in _sweep_grids(depth))
+    tiny = base.with_spec(grid=(2, 1, 2))
+    first = max(base.spec.start_frame, 0) + 1000  # past every start_frame of the grid sweep
+    if provider.skip_reason(tiny.with_spec(start_frame=first).spec, tiny.plan) is None:
+        yield from (tiny.with_spec(start_frame=first + k) for k in itertools.count())
+
+
+@dataclass
+class _Growth:
+    """When to stop a sweep: at ``depth`` inputs for a cache the check cannot see; for one it can,
+    as many inputs past its first eviction as it held then, or at EVICTION_MAX inputs, or when
+    ``deadline`` (time.monotonic) has passed: the other ranks wait for this one within the job's
+    timeout, and an implementation that builds slowly must get a verdict, not an infrastructure
+    failure."""
+
+    depth: int
+    size: int | None
+    deadline: float
+    stop_at: int | None = None  # set at the first eviction
+
+    def saw(self, k: int, size: int | None) -> None:
+        if size is not None and self.size is not None and size <= self.size and self.stop_at is None:
+            self.stop_at = k + max(EVICTION_PAST, self.size)
+        self.size = size
+
+    def more(self, k: int) -> bool:
+        if k < self.depth:
+            return True
+        if self.size is None or k >= max(self.depth, EVICTION_MAX) or time.monotonic() > self.deadline:
+            return False
+        return self.stop_at is None or k < self.stop_at
+
+
+def probe_eviction(
+    provider: Provider, device: str, depth: int = EVICTION_DEPTH, extra_s: float = EVICTION_EXTRA_S
+) -> CaseResult:
     """``depth`` distinct inputs in a row (the base input at one latent size after another: one
-    model, so a per-instance cache fills too), then all of them again, most recent first. A
-    cache bounded below ``depth`` entries has to evict; one that evicts the wrong value, or
-    leaves a stale index behind, then hands an input another input's table
-    (``stale-after-eviction``). The matrix's own run makes a few hundred keys per rank, too
-    few to fill a cache of 512. Every first-pass table must differ from all earlier ones; every
-    second-pass table must be the one its input got first (each ``EVICTION_ORACLE_EVERY``-th is
-    also judged against the formula: a wrong fresh build is the matrix's to find)."""
+    model, so a per-instance cache fills too), more while a cache the check can see has not
+    evicted yet (``_Growth``), then all of them again, most recent first. A cache bounded below
+    that has to evict; one that evicts the wrong value, or leaves a stale index or offset behind,
+    then hands an input another input's table (``stale-after-eviction``). The matrix's own run
+    makes a few thousand keys per rank at most. Every first-pass table must differ from all
+    earlier ones; every second-pass table must be the one its input got first (each
+    ``EVICTION_ORACLE_EVERY``-th is also judged against the formula: a wrong fresh build is the
+    matrix's to find)."""
     chosen = _base(provider)
     base = chosen.input
-    case = _case(f"cache eviction ({depth} inputs)", base)
+    case = _case(f"cache eviction ({depth}+ inputs)", base)
     reason = provider.skip_reason(base.spec, base.plan)
     if reason is not None:
         case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
         return case
     probe = _Probe(provider, device, chosen)
-    inputs = [base.with_spec(grid=grid) for grid in _sweep_grids(depth)]
+    inputs: list[ProbeInput] = []
     owner: dict[tuple[object, ...], int] = {}  # digest -> the input that got it first
     first: list[tuple[object, ...]] = []
 
     def name(k: int) -> str:
-        return f"input {k + 1} of {depth} (grid {list(inputs[k].spec.grid)})"
+        s = inputs[k].spec
+        return f"input {k + 1} (grid {list(s.grid)}, start_frame {s.start_frame})"
 
     held = Held(case)
-    for k, inp in enumerate(inputs):
+    growth = _Growth(depth, provider.cache_size(), time.monotonic() + extra_s)
+    for k, inp in enumerate(_sweep_inputs(provider, base, depth)):
+        if not growth.more(k):
+            break
+        inputs.append(inp)
         sl = probe.get(inp)
         if isinstance(sl, Exception) or k % EVICTION_ORACLE_EVERY == 0:
             probe.judge(case, inp, f"the first call for {name(k)}", sl)
@@ -355,9 +409,11 @@ def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH)
             return case
         owner[digest] = k
         first.append(digest)
+        growth.saw(k, provider.cache_size())
     if not held.release_all():
         return case
-    for k in reversed(range(depth)):
+    count = len(inputs)
+    for k in reversed(range(count)):
         sl = probe.get(inputs[k])
         if isinstance(sl, Exception):
             probe.judge(case, inputs[k], f"the second call for {name(k)}", sl)
@@ -365,8 +421,8 @@ def probe_eviction(provider: Provider, device: str, depth: int = EVICTION_DEPTH)
         digest = content_digest(sl.cos, sl.sin)
         if digest != first[k]:
             got = f"the table of {name(owner[digest])}" if digest in owner else "another table than the first time"
-            case.fail("stale-after-eviction", f"the second call for {name(k)} (after all {depth}, then "
-                                              f"{depth - 1 - k} of them again, most recent first) got {got}")
+            case.fail("stale-after-eviction", f"the second call for {name(k)} (after all {count}, then "
+                                              f"{count - 1 - k} of them again, most recent first) got {got}")
             return case
     return case
 

@@ -61,6 +61,10 @@ class Provider:
         """All keys the implementation's cache holds now, when it exposes them."""
         return None
 
+    def cache_size(self) -> int | None:
+        """How many entries the implementation's cache holds now, when the check can see it."""
+        return None
+
 
 class SpRopeProvider(Provider):
     """sp_rope itself: slices through a ``RopeCache``, the reference built uncached.
@@ -87,6 +91,9 @@ class SpRopeProvider(Provider):
     def cache_keys(self) -> list[Hashable]:
         return list(self.cache.keys())
 
+    def cache_size(self) -> int:
+        return len(self.cache)
+
 
 class NativeProvider(Provider):
     """A user function following the native protocol."""
@@ -97,11 +104,14 @@ class NativeProvider(Provider):
         self.watcher = watcher  # an adapters.CacheWatcher when --impl-cache is given
 
     def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
-        before = self.watcher.snapshot() if self.watcher else set()
+        before = self.watcher.snapshot() if self.watcher else None
         out = self.fn(spec, plan, sp_rank, sp_size, device)
         if not isinstance(out, RopeSlice):  # a bare (cos, sin): the plan's tokens, in the plan's order
             cos, sin = out
             out = RopeSlice(cos, sin, plan.indices(spec.grid, sp_rank, sp_size))
-        if out.key is None and self.watcher:
+        if out.key is None and self.watcher and before:
             out = RopeSlice(out.cos, out.sin, out.indices, self.watcher.key_for((out.cos, out.sin), before))
         return out
+
+    def cache_size(self) -> int | None:
+        return None if self.watcher is None else self.watcher.size()

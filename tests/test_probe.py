@@ -4,6 +4,7 @@ express, and the fields they cannot express are reported skipped, never passed."
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 
@@ -342,7 +343,41 @@ def test_a_bounded_cache_that_evicts_the_wrong_value_is_stale_after_eviction(cap
 @pytest.mark.parametrize("capacity", [3, 100, 2 * EVICTION_DEPTH])
 def test_a_correct_bounded_cache_passes_the_eviction_sweep(capacity):
     case = probe_eviction(NativeProvider(_Lru(capacity, misaligned=False), "lru"), "cpu")
-    assert case.status == "passed" and case.scheme == f"cache eviction ({EVICTION_DEPTH} inputs)", case.details
+    assert case.status == "passed" and case.scheme == f"cache eviction ({EVICTION_DEPTH}+ inputs)", case.details
+
+
+class _DictLru:
+    """A bounded dict of correct tables whose eviction hands the evicted entry's table to the next
+    oldest key (a compaction that moves values but not keys)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.entries = capacity, collections.OrderedDict()
+
+    def __call__(self, spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        key = (spec, plan, sp_rank, sp_size)
+        if key not in self.entries:
+            tokens = plan.indices(spec.grid, sp_rank, sp_size)
+            self.entries[key] = RopeSlice(*build_table(spec, tokens), tokens)
+            if len(self.entries) > self.capacity:
+                _, table = self.entries.popitem(last=False)
+                self.entries[next(iter(self.entries))] = table
+        self.entries.move_to_end(key)
+        return self.entries[key]
+
+
+class _Visible(NativeProvider):
+    def cache_size(self) -> int:
+        return len(self.fn.entries)
+
+
+@pytest.mark.parametrize("visible", [True, False])
+def test_the_sweep_goes_past_the_bound_of_a_large_cache_it_can_see(visible):
+    impl = _DictLru(3000)
+    case = probe_eviction((_Visible if visible else NativeProvider)(impl, "large lru"), "cpu")
+    if visible:  # past 3000 entries, and as many again: the moved table is asked for
+        assert case.diagnoses == ["stale-after-eviction"], case.details
+    else:  # unseen, the sweep stops at EVICTION_DEPTH inputs, below the bound
+        assert case.status == "passed" and len(impl.entries) == EVICTION_DEPTH, case.details
 
 
 def test_an_eviction_sweep_sees_a_wrong_fresh_table():
@@ -351,7 +386,7 @@ def test_an_eviction_sweep_sees_a_wrong_fresh_table():
         return RopeSlice(*build_table(spec.replace(theta=spec.theta + 0.5), tokens), tokens)
 
     case = probe_eviction(NativeProvider(rope, "theta off by a half"), "cpu", depth=8)
-    assert case.diagnoses == ["oracle-mismatch"] and "input 1 of 8" in case.details[0], case.details
+    assert case.diagnoses == ["oracle-mismatch"] and "input 1 (grid [2, 1, 1]" in case.details[0], case.details
 
 
 class _Recycling(_Lru):
@@ -377,8 +412,8 @@ class _Recycling(_Lru):
 def test_a_cache_that_recycles_evicted_memory_rewrites_a_held_table():
     case = probe_eviction(NativeProvider(_Recycling(8, misaligned=False), "recycling"), "cpu")
     assert case.diagnoses == ["overwritten-after-return"], case.details
-    assert re.search(r"the table returned for input \d+ of \d+ \(grid \[.*\]\) changed while the caller held it",
-                     case.details[0]), case.details
+    assert re.search(r"the table returned for input \d+ \(grid \[.*\], start_frame \d+\) changed while the "
+                     r"caller held it", case.details[0]), case.details
 
 
 class _Promoting:
