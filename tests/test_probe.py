@@ -416,20 +416,32 @@ def test_a_cache_that_recycles_evicted_memory_rewrites_a_held_table():
                      r"caller held it", case.details[0]), case.details
 
 
-class _Promoting:
-    """Correct tables, but after ``after`` hits an entry moves into one static buffer per shape and
-    dtype, which the next promoted entry of that shape overwrites."""
+class _Counting:
+    """Correct tables in a dict, with each key's hit count: what a cache that changes its entries
+    after N hits starts from."""
 
     def __init__(self, after: int) -> None:
-        self.after, self.entries, self.hits, self.static = after, {}, {}, {}
+        self.after, self.entries, self.hits = after, {}, {}
 
-    def __call__(self, spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+    def hit(self, spec, plan, sp_rank, sp_size):  # type: ignore[no-untyped-def]
         key = (spec, plan, sp_rank, sp_size)
         if key not in self.entries:
             tokens = plan.indices(spec.grid, sp_rank, sp_size)
             self.entries[key], self.hits[key] = RopeSlice(*build_table(spec, tokens), tokens), 0
         self.hits[key] += 1
-        entry = self.entries[key]
+        return key, self.entries[key]
+
+
+class _Promoting(_Counting):
+    """Correct tables, but after ``after`` hits an entry moves into one static buffer per shape and
+    dtype, which the next promoted entry of that shape overwrites."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(after)
+        self.static: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        key, entry = self.hit(spec, plan, sp_rank, sp_size)
         if self.hits[key] == self.after:
             shape = (entry.cos.shape, entry.cos.dtype)
             cos, sin = self.static.setdefault(shape, (entry.cos.clone(), entry.sin.clone()))
@@ -445,20 +457,12 @@ def test_an_entry_that_changes_after_many_hits_is_caught_by_the_hot_keys(after):
     assert set(case.diagnoses) <= {"unstable-across-steps", "overwritten-after-return"}, case.details
 
 
-class _Compacting:
+class _Compacting(_Counting):
     """Correct tables, but after ``after`` hits a half-layout entry is stored as its even columns
     and re-expanded on each hit (right only for a layout that repeats every column)."""
 
-    def __init__(self, after: int) -> None:
-        self.after, self.entries, self.hits = after, {}, {}
-
     def __call__(self, spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
-        key = (spec, plan, sp_rank, sp_size)
-        if key not in self.entries:
-            tokens = plan.indices(spec.grid, sp_rank, sp_size)
-            self.entries[key], self.hits[key] = RopeSlice(*build_table(spec, tokens), tokens), 0
-        self.hits[key] += 1
-        entry = self.entries[key]
+        key, entry = self.hit(spec, plan, sp_rank, sp_size)
         if spec.layout == "half" and self.hits[key] > self.after:
             return RopeSlice(entry.cos[:, ::2].repeat_interleave(2, 1), entry.sin[:, ::2].repeat_interleave(2, 1),
                              entry.indices)
