@@ -311,7 +311,7 @@ def fig_presets(s: Settings) -> list[Row]:
                         f"{seconds:.1f} s vs {bare_s:.1f} s, exit {code}", None, {"check": seconds * 1e3}))
         rows.append(Row("7", f"{preset}: (peak RSS - bare rank) / largest cos+sin pair", (mib - bare_mib) / pair_mib,
                         2.0, "<=", f"peak {mib:.0f} MiB, bare rank {bare_mib:.0f} MiB, pair {pair_mib:.0f} MiB; "
-                        "sp_rope's cache holds up to 3 slices (1.5 pairs at P=2)"))
+                        "sp_rope's cache holds up to 80 MiB of slices (two 480p P=2 slices, one 720p P=2 slice)"))
         # The check's own memory: the same run against an implementation that keeps nothing.
         code, seconds, mib = _measure([*_table_level(preset), *uncached])
         rows.append(Row("7", f"{preset}, uncached implementation: (peak RSS - bare rank) / largest pair",

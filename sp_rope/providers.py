@@ -27,7 +27,7 @@ from .spec import RopeSpec
 from .tables import build_table
 
 UNSHARDED = ShardPlan("contiguous", axis=0)
-SLICE_BUDGET = 128 * 1024**2  # sp_rope's own cache in the check: about four 480p P = 2 float64 slices
+SLICE_BUDGET = 80 * 1024**2  # sp_rope's own cache in the check: one 720p P = 2 float64 slice (74 MiB)
 
 NativeFn = Callable[[RopeSpec, ShardPlan, int, int, str], RopeSlice]
 
@@ -71,7 +71,7 @@ class SpRopeProvider(Provider):
 
     The cache is bounded by bytes (``SLICE_BUDGET``) as a deployment's would be: the default run's
     small tables all stay cached, so its re-entries are hits, while a preset's P = 2 float64
-    slices (32-74 MiB) fill it within a sweep, so eviction and re-entry still happen there. The
+    slices (32-74 MiB) fill it at once, so eviction and re-entry still happen there. The
     probe's eviction sweep (1024 latent sizes) evicts from any cache under 1024 entries.
     """
 
