@@ -269,8 +269,10 @@ def breadth_configs(rng: random.Random) -> tuple[GeometryConfig, ...]:
         GeometryConfig("b-1d", (96,), 32, (32,), 5.0e5, 1.0, 0.25),
         # An axis past the integers bfloat16 (256) and float16 (2048) hold exactly: positions
         # made in the latent's dtype repeat and skip there. Wan's split, factors 1: every
-        # convention expresses it (the t axis meets such positions through start_frame).
-        GeometryConfig("b-long", (2, 1, 2100), 24, (8, 8, 8), 1.0e4),
+        # convention expresses it (the t axis meets such positions through start_frame). Over
+        # MAX_ATTENTION_TOKENS: whole-sequence attention at 8,400 tokens would cost more than
+        # the rest of the run, and the positions are the table and apply levels' to judge.
+        GeometryConfig("b-long", (2, 2, 2100), 24, (8, 8, 8), 1.0e4),
     )
     return fixed + tuple(_random_config(rng, i) for i in range(2))
 
