@@ -398,8 +398,8 @@ def _probe(rr: RankRun) -> list[CaseResult]:
         cases = probe_keys(rr.provider, rr.job.device, only=lambda i: rank < spread and groups[i] % spread == rank)
     if rank == world - 1:
         with phase("cache eviction sweep"):
-            # Its growth past the first 1024 inputs stays within a third of the job's timeout,
-            # which the other ranks wait for it in.
+            # It grows past its first 1024 inputs only within a third of the job's timeout from
+            # its start: the other ranks wait for it within that timeout.
             extra_s = rr.job.timeout.total_seconds() / 3
             cases.append(probe_eviction(rr.provider, rr.job.device, extra_s=extra_s))
     if rank == max(world - 2, 0):

@@ -316,7 +316,7 @@ EVICTION_ORACLE_EVERY = 64  # first-pass tables also judged against the formula 
 # since, so a cache bounded at 4096 entries is tested like one bounded at 100.
 EVICTION_MAX = 10240
 EVICTION_PAST = 1024
-EVICTION_EXTRA_S = 20.0  # seconds the sweep may go on past its first EVICTION_DEPTH inputs
+EVICTION_EXTRA_S = 20.0  # seconds from the sweep's start after which it grows no further past EVICTION_DEPTH
 
 
 def _sweep_grids(count: int) -> list[tuple[int, ...]]:
