@@ -217,10 +217,7 @@ def judge_slice(case: CaseResult, spec: RopeSpec, got: RankSlice, reference: Rop
             f"claimed {_token_or_pad(claimed, at, spec.grid)}, plan {_token_or_pad(own, at, spec.grid)}",
         )
         off_plan = claimed
-    if on_plan:
-        run = _plan_run(plan, spec.grid, got.sp_rank, case.sp_size)
-    else:
-        run = _contiguous_block(claimed) if claimed.numel() and int(claimed[0]) >= 0 else None
+    run = _plan_run(plan, spec.grid, got.sp_rank, case.sp_size) if on_plan else _run_of(claimed)
     for name, table, ref in (("cos", cos, ref_cos), ("sin", sin, ref_sin)):
         _compare_rows(case, RowsUnderJudgement(where, name, table, claimed, run, spec.grid), ref)
     return off_plan
@@ -296,8 +293,12 @@ def _report_mismatch(case: CaseResult, rows: RowsUnderJudgement, ref: torch.Tens
 @functools.lru_cache(maxsize=4096)
 def _plan_run(plan: ShardPlan, grid: tuple[int, ...], sp_rank: int, sp_size: int) -> slice | None:
     """The plan's tokens of one rank as one run of the grid, or None (computed once)."""
-    own = plan_tokens(plan, grid, sp_rank, sp_size)
-    return _contiguous_block(own) if own.numel() and int(own[0]) >= 0 else None
+    return _run_of(plan_tokens(plan, grid, sp_rank, sp_size))
+
+
+def _run_of(tokens: torch.Tensor) -> slice | None:
+    """Tokens that are one run of the grid (no padding), as a slice of it, or None."""
+    return _contiguous_block(tokens) if tokens.numel() and int(tokens[0]) >= 0 else None
 
 
 def _contiguous_block(tokens: torch.Tensor) -> slice | None:

@@ -269,6 +269,18 @@ def _base(provider: Provider) -> Base:
     return next((b for b in BASES if provider.skip_reason(b.input.spec, b.input.plan) is None), BASES[0])
 
 
+def _one_case(provider: Provider, device: str, name: str) -> tuple[CaseResult, _Probe | None]:
+    """The case of a probe that runs from the base input as a whole (the eviction sweep, the hot
+    keys), and its calls; no calls when the base cannot be expressed (the case is then skipped)."""
+    base = _base(provider)
+    case = _case(name, base.input)
+    reason = provider.skip_reason(base.input.spec, base.input.plan)
+    if reason is not None:
+        case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
+        return case, None
+    return case, _Probe(provider, device, base)
+
+
 def field_groups(provider: Provider) -> list[int]:
     """For each probe index (0: the base), the number of its field's group: the variants of one
     field (grid, theta, one factor list, ...) in one group, so that ranks sharing out the fields by
@@ -375,14 +387,9 @@ def probe_eviction(
     earlier ones; every second-pass table must be the one its input got first (each
     ``EVICTION_ORACLE_EVERY``-th is also judged against the formula: a wrong fresh build is the
     matrix's to find)."""
-    chosen = _base(provider)
-    base = chosen.input
-    case = _case(f"cache eviction ({depth}+ inputs)", base)
-    reason = provider.skip_reason(base.spec, base.plan)
-    if reason is not None:
-        case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
+    case, probe = _one_case(provider, device, f"cache eviction ({depth}+ inputs)")
+    if probe is None:
         return case
-    probe = _Probe(provider, device, chosen)
     inputs: list[ProbeInput] = []
     owner: dict[tuple[object, ...], int] = {}  # digest -> the input that got it first
     first: list[tuple[object, ...]] = []
@@ -393,7 +400,7 @@ def probe_eviction(
 
     held = Held(case)
     growth = _Growth(depth, provider.cache_size(), time.monotonic() + extra_s)
-    for k, inp in enumerate(_sweep_inputs(provider, base, depth)):
+    for k, inp in enumerate(_sweep_inputs(provider, probe.base.input, depth)):
         if not growth.more(k):
             break
         inputs.append(inp)
@@ -472,22 +479,19 @@ def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> C
     every layout and dtype such a rewrite can get wrong. Every call must return the table its
     input's first call got (``unstable-across-steps``), and those first tables, held to the end,
     must not change (``overwritten-after-return``)."""
-    base = _base(provider)
-    s = base.input.spec
+    case, probe = _one_case(provider, device, f"hot keys ({calls} calls each)")
+    if probe is None:
+        return case
+    base = probe.base.input
+    s = base.spec
     other_layout = "half" if s.layout != "half" else "interleaved"
     candidates = {
-        "the base input": base.input,
-        f"theta {s.theta + 1:g}": base.input.with_spec(theta=s.theta + 1),
-        f"layout {other_layout}": base.input.with_spec(layout=other_layout),
-        "the other dtype": base.input.with_spec(dtype="float32" if s.dtype == "float64" else "float64"),
+        "the base input": base,
+        f"theta {s.theta + 1:g}": base.with_spec(theta=s.theta + 1),
+        f"layout {other_layout}": base.with_spec(layout=other_layout),
+        "the other dtype": base.with_spec(dtype="float32" if s.dtype == "float64" else "float64"),
     }
-    case = _case(f"hot keys ({calls} calls each)", base.input)
-    reason = provider.skip_reason(s, base.input.plan)
-    if reason is not None:
-        case.skip(f"not probed: the probe's base input cannot be expressed: {reason}")
-        return case
     inputs = {name: inp for name, inp in candidates.items() if provider.skip_reason(inp.spec, inp.plan) is None}
-    probe = _Probe(provider, device, base)
     held = Held(case, window=len(inputs) * calls)
     for step in range(calls):
         for which, (name, inp) in enumerate(inputs.items()):
