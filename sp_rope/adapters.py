@@ -300,7 +300,8 @@ class FastVideoProvider(Provider):
         before = self.watcher.snapshot() if self.watcher else None
         cos, sin = self._call(spec, axis, _Group(sp_rank, sp_size), sp_size > 1)
         key = self.watcher.key_for((cos, sin), before) if self.watcher and before else None
-        return RopeSlice(cos, sin, plan.indices(spec.grid, sp_rank, sp_size), key)
+        # The function takes no device: a model moves its tables (a no-op where they already are).
+        return RopeSlice(cos.to(device), sin.to(device), plan.indices(spec.grid, sp_rank, sp_size), key)
 
     def cache_size(self) -> int | None:
         return None if self.watcher is None else self.watcher.size()
@@ -312,7 +313,7 @@ class FastVideoProvider(Provider):
         # sharding along any axis. It follows the start_frame (a sweep meets every axis), so the
         # same call is the same call whatever the dtype or layout.
         cos, sin = self._call(spec, spec.start_frame % len(spec.grid), _Group(*within), False)
-        return RopeSlice(cos, sin, torch.arange(spec.num_tokens))
+        return RopeSlice(cos.to(device), sin.to(device), torch.arange(spec.num_tokens))
 
 
 class FastVideoNdProvider(Provider):

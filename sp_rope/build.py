@@ -14,7 +14,7 @@ from .cache import CacheMutationError, RopeSlice
 from .dist import Job
 from .judge import KeyRecord, Retention, content_digest, key_digest
 from .matrix import Case, Family
-from .providers import Provider, as_a_model_calls
+from .providers import Provider, WrongDevice, as_a_model_calls, require_device
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,10 @@ def call(state: RankState, seat: Seat, case: Case, when: str) -> RopeSlice | Non
     try:
         with as_a_model_calls(state.job.device):
             sl = state.provider.get(case.spec, fam.plan, seat.sp_rank, fam.sp.size, state.job.device)
+        require_device(sl, state.job.device)
+    except WrongDevice as exc:
+        state.fail(case.index, "wrong-device", f"rank {rank} ({when}): {exc}")
+        return None
     except CacheMutationError as exc:
         state.fail(case.index, "mutated-in-place", f"rank {rank}: {exc}")
         return None

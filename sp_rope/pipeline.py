@@ -44,7 +44,7 @@ from .levels import (
 )
 from .matrix import Case, Family, SpLayout, expand, families
 from .progress import Progress
-from .providers import Provider, as_a_model_calls
+from .providers import Provider, WrongDevice, as_a_model_calls, require_device
 from .report import CaseResult, Report
 from .sharding import ShardError
 
@@ -201,11 +201,14 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
     with phase(f"reference {spec.grid} {spec.dtype}/{spec.layout} start_frame {sf}"):
         try:
             with as_a_model_calls(rr.job.device):
-                built = rr.provider.full(spec, rr.job.device, within)
+                built = require_device(rr.provider.full(spec, rr.job.device, within), rr.job.device)
             # Not copied (a copy would double the largest table a rank holds): its version counters
             # show whether the implementation wrote into it while its slices were judged.
-            reference = RopeSlice(built.cos.detach().cpu(), built.sin.detach().cpu(), built.indices)
+            reference: RopeSlice | None = RopeSlice(built.cos.detach().cpu(), built.sin.detach().cpu(), built.indices)
             del built
+        except WrongDevice as exc:
+            scratch.fail("wrong-device", f"rank {rr.job.rank}: the unsharded table: {exc}")
+            reference = None
         except Exception as exc:  # noqa: BLE001 - the implementation under test failed: a verdict
             scratch.fail("implementation-error", f"rank {rr.job.rank}: the unsharded table raised {exc!r}"[:300])
             reference = None

@@ -29,7 +29,7 @@ import torch
 from .cache import CacheMutationError, RopeSlice
 from .judge import content_digest
 from .oracle import oracle_table, tolerance
-from .providers import Provider, as_a_model_calls
+from .providers import Provider, as_a_model_calls, on_device
 from .report import CaseResult
 from .sharding import ShardPlan, parse_plan
 from .spec import RopeSpec, default_rope_dim_list
@@ -37,12 +37,13 @@ from .spec import RopeSpec, default_rope_dim_list
 
 @dataclass(frozen=True)
 class ProbeInput:
-    """Everything a provider call takes, but the device."""
+    """Everything a provider call takes."""
 
     spec: RopeSpec
     plan: ShardPlan
     sp_rank: int
     sp_size: int
+    device: str | None = None  # None: the device the check runs on
 
     def with_spec(self, **changes: object) -> ProbeInput:
         return replace(self, spec=self.spec.replace(**changes))
@@ -144,6 +145,10 @@ def variants(base: Base) -> list[Variant]:
     out.append(Variant("sp_size", replace(b, sp_size=2 * b.sp_size), f"{b.sp_size} -> {2 * b.sp_size}"))
     out.append(Variant("shard axis", replace(b, plan=base.other_axis), f"{b.plan} -> {base.other_axis}"))
     out.append(Variant("scheme", replace(b, plan=base.other_scheme), f"{b.plan} -> {base.other_scheme}"))
+    # A pipeline moved to another device (CPU offload, another GPU in one process) must not get
+    # the table cached for the first. Meta is the other device every machine has: it holds
+    # shapes and no values, so its tables are judged by device, shape and dtype alone.
+    out.append(Variant("device", replace(b, device=META), f"the check's device -> {META}"))
     # Half the frames and twice the rows, split along h instead: SP rank 1 holds a share of the
     # same shape (and token count), at other positions. A key on the rank's local shape instead
     # of the grid and the shard axis gives it the other share's table. (Rank 0's shares would
@@ -164,14 +169,25 @@ def variants(base: Base) -> list[Variant]:
     return out
 
 
+META = "meta"
+
+
+def _wrong_form(inp: ProbeInput, sl: RopeSlice) -> str | None:
+    """Why ``sl``'s shape or dtype is not ``inp``'s table's for the tokens it claims, or None."""
+    want = ((sl.indices.numel(), inp.spec.width), inp.spec.torch_dtype)
+    if (tuple(sl.cos.shape), sl.cos.dtype) != want or (tuple(sl.sin.shape), sl.sin.dtype) != want:
+        got = f"cos {list(sl.cos.shape)} {sl.cos.dtype}, sin {list(sl.sin.shape)} {sl.sin.dtype}"
+        return f"is {got}; expected {list(want[0])} {want[1]}"
+    return None
+
+
 def wrong(inp: ProbeInput, sl: RopeSlice) -> str | None:
     """Why ``sl`` is not ``inp``'s table at the tokens it claims, or None when it is."""
     spec = inp.spec
+    form = _wrong_form(inp, sl)
+    if form is not None:
+        return form
     cos, sin, claimed = sl.cos.detach().cpu(), sl.sin.detach().cpu(), sl.indices.detach().cpu().to(torch.int64)
-    want = ((claimed.numel(), spec.width), spec.torch_dtype)
-    if (tuple(cos.shape), cos.dtype) != want or (tuple(sin.shape), sin.dtype) != want:
-        got = f"cos {list(cos.shape)} {cos.dtype}, sin {list(sin.shape)} {sin.dtype}"
-        return f"is {got}; expected {list(want[0])} {want[1]}"
     if claimed.numel() and (int(claimed.min()) < -1 or int(claimed.max()) >= spec.num_tokens):
         return f"claims token indices outside [-1, {spec.num_tokens})"
     tol = tolerance(spec)
@@ -201,7 +217,7 @@ class _Probe:
         plan = replace(inp.plan)
         try:
             with as_a_model_calls(self.device):
-                return self.provider.get(spec, plan, inp.sp_rank, inp.sp_size, self.device)
+                return self.provider.get(spec, plan, inp.sp_rank, inp.sp_size, inp.device or self.device)
         except Exception as exc:  # noqa: BLE001 - the implementation failed: a verdict, not a crash
             return exc
         finally:
@@ -219,21 +235,30 @@ class _Probe:
         if isinstance(sl, Exception):
             case.fail("implementation-error", f"{what}: {type(sl).__name__}: {str(sl).strip()[:200]}")
             return
-        digest = content_digest(sl.cos, sl.sin)
-        if inp == self.base.input:
-            if digest == self.base_table:  # the same table as the first base call: judged there
-                return
-            self.base_table = self.base_table or digest
-        earlier = self.seen.setdefault(digest, inp)
-        problem = wrong(inp, sl)
-        planned = inp.plan.indices(inp.spec.grid, inp.sp_rank, inp.sp_size)
-        other_tokens = not torch.equal(sl.indices.detach().cpu().to(torch.int64), planned)
+        asked = inp.device or self.device
+        elsewhere = not (on_device(sl.cos, asked) and on_device(sl.sin, asked))
+        on_meta = META in (sl.cos.device.type, sl.sin.device.type)  # no values: device, shape, dtype
+        earlier = inp
+        if not on_meta:
+            digest = content_digest(sl.cos, sl.sin)
+            if inp == self.base.input:
+                if digest == self.base_table:  # the same table as the first base call: judged there
+                    return
+                self.base_table = self.base_table or digest
+            earlier = self.seen.setdefault(digest, inp)
+        if elsewhere:
+            problem: str | None = f"is on {sl.cos.device} (sin on {sl.sin.device}), asked for {asked}"
+        else:
+            problem = _wrong_form(inp, sl) if on_meta else wrong(inp, sl)
+        other_tokens = sl.indices.device.type != META and not torch.equal(
+            sl.indices.detach().cpu().to(torch.int64), inp.plan.indices(inp.spec.grid, inp.sp_rank, inp.sp_size)
+        )
         if (problem is not None or other_tokens) and earlier != inp:
             label = self.labels.get(earlier, f"the input with grid {list(earlier.spec.grid)}")  # a sweep's
             case.fail("key-incomplete", f"{what} got the table returned earlier for {label} "
                                         f"(a cache key without {case.scheme}, or {case.scheme} ignored)")
         elif problem is not None:
-            case.fail("oracle-mismatch", f"{what}: the table {problem}")
+            case.fail("wrong-device" if elsewhere else "oracle-mismatch", f"{what}: the table {problem}")
         elif other_tokens:
             case.fail("plan-mismatch", f"{what}: rows for other tokens than {inp.plan} gives SP rank "
                                        f"{inp.sp_rank} of {inp.sp_size}")
@@ -256,6 +281,11 @@ class _Probe:
             (base, f"the {which} call after {changed}"),
         ]
         got = [self.get(inp) for inp, _ in calls]
+        failed = next((sl for sl in got[1:3] if isinstance(sl, Exception)), None)
+        if variant.input.device == META and failed is not None and not isinstance(failed, CacheMutationError):
+            case.skip(f"not probed: the implementation cannot build on {META} (the device every machine has "
+                      f"besides its own): {type(failed).__name__}: {str(failed).strip()[:120]}")
+            return
         for (inp, what), sl in zip(calls, got):
             self.judge(case, inp, what, sl)
 

@@ -40,6 +40,23 @@ def as_a_model_calls(device: str) -> contextlib.AbstractContextManager[object]:
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def on_device(tensor: torch.Tensor, device: str) -> bool:
+    """Whether ``tensor`` lives where ``device`` asked (``cuda`` is any CUDA device, ``cuda:1`` one)."""
+    asked = torch.device(device)
+    return tensor.device.type == asked.type and asked.index in (None, tensor.device.index)
+
+
+class WrongDevice(Exception):
+    """A table came back on another device than the call asked for."""
+
+
+def require_device(sl: RopeSlice, device: str) -> RopeSlice:
+    """``sl``, when its tables are on ``device``; else WrongDevice."""
+    if not (on_device(sl.cos, device) and on_device(sl.sin, device)):
+        raise WrongDevice(f"asked for {device}, got cos on {sl.cos.device}, sin on {sl.sin.device}")
+    return sl
+
+
 class Provider:
     """Base: override ``get``; ``full`` defaults to ``get`` at SP size 1."""
 

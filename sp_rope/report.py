@@ -19,6 +19,7 @@ PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 DIAGNOSES = {
     "slice-mismatch": "a rank's slice differs from the unsharded table, or the ranks' tokens do not partition the grid",
     "oracle-mismatch": "the unsharded table differs from the float64 formula beyond tolerance",
+    "wrong-device": "a table came back on another device than the one asked for",
     "key-collision": "two ranks of one SP group share a cache key, or one key maps to two tables",
     "unstable-across-steps": "a repeated call (denoising step) returned a different table",
     "stale-after-eviction": "re-requesting a case after other start_frames returned a different table",

@@ -98,6 +98,13 @@ def test_an_implementation_that_raises_on_one_rank_is_a_verdict_naming_it(tmp_pa
     assert processes_with(marker) == []
 
 
+def test_tables_on_another_device_than_asked_are_a_verdict_naming_the_rank():
+    result = check("--nproc", "4", "--impl", f"{FIXTURES}/faulty.py:on_meta_on_rank2", *SMALL)
+    assert result.code == 1, result
+    assert re.search(r"wrong-device: rank 2\b.*asked for cpu, got cos on meta, sin on meta", result.out), result
+    assert not re.search(r"wrong-device: rank [013]\b", result.out), result
+
+
 def test_rank_that_hangs_ends_job_after_timeout_naming_it():
     marker = uuid.uuid4().hex
     result = check(

@@ -34,7 +34,7 @@ FIELDS = [
     "theta_rescale_factor[0]", "theta_rescale_factor[1]", "theta_rescale_factor[2]",
     "interpolation_factor[0]", "interpolation_factor[1]", "interpolation_factor[2]", *REORDERED,
     "head dim", "dtype", "layout", "layout (neox)", "start_frame", "sp_rank", "sp_size", "shard axis", "scheme",
-    *SCHEME_PARAMETERS, "grid + shard axis (same local shape)",
+    "device", *SCHEME_PARAMETERS, "grid + shard axis (same local shape)",
 ]
 LOCAL_SHAPE = FIELDS[-1]  # alternates with SP rank 1 of the base: a key without sp_rank fails it too
 # A key without one field (as the catalog's native implementation names key fields), and the
@@ -61,6 +61,7 @@ KEY_FIELD_FAILS = {
     "sp_size": {"sp_size"},
     "shard axis": {"shard axis"},
     "scheme": {"scheme", *SCHEME_PARAMETERS},
+    "device": {"device"},
 }
 CATALOG = {m.name: m for m in catalog()}
 CORRECT = [m for m in catalog() if m.expected is None]
@@ -106,7 +107,7 @@ def test_diffusers_wan_is_probed_where_it_can_be_and_skipped_elsewhere():
     cases = probe_keys(DiffusersWanProvider(), "cpu")
     status = _by_status(cases)
     probed = {"base", "grid[0]", "grid[1]", "grid[2]", *SWAPS, "theta", "theta (+0.1)", "head dim", "sp_rank",
-              "sp_size"}
+              "sp_size", "device"}
     assert status == {"passed": probed, "failed": set(), "skipped": {"base", *FIELDS} - probed}
     assert all(c.details[0].startswith("not probed: ") for c in cases if c.status == "skipped")
     assert {c.dtype for c in cases if c.status == "passed"} == {"float32"}
@@ -121,15 +122,58 @@ def test_a_key_without_one_field_is_named_key_incomplete(field):
     assert "got the table returned earlier for the base input" in case.details[0], case.details
 
 
+def _on_device(device_of):  # type: ignore[no-untyped-def]
+    """The catalog's correct native implementation, its tables then moved to ``device_of(device)``."""
+    impl = NativeRope()
+
+    def rope(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        sl = impl(spec, plan, sp_rank, sp_size, "cpu")
+        return RopeSlice(sl.cos.to(device_of(device)), sl.sin.to(device_of(device)), sl.indices)
+
+    return NativeProvider(rope, "moved")
+
+
+def test_tables_left_on_the_cpu_when_another_device_is_asked_for_are_caught():
+    # Not a cache key this time: the device argument ignored. The meta call gets the CPU table,
+    # the very one the base call got.
+    cases = probe_keys(_on_device(lambda device: "cpu"), "cpu")
+    assert _failures(cases) == {"device": ["key-incomplete"]}
+    (case,) = [c for c in cases if c.scheme == "device"]
+    assert "(the check's device -> meta) got the table returned earlier for the base input" in case.details[0]
+
+
+def test_tables_sent_to_another_device_than_asked_are_wrong_device():
+    cases = probe_keys(_on_device(lambda device: "meta"), "cpu")
+    failures = _failures(cases)
+    assert failures and all(diagnoses == ["wrong-device"] for diagnoses in failures.values()), failures
+    assert "is on meta (sin on meta), asked for cpu" in next(c for c in cases if c.scheme == "base").details[0]
+
+
+def test_an_implementation_that_cannot_build_on_meta_has_the_device_field_skipped_not_failed():
+    impl = NativeRope()
+
+    def rope(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        if torch.device(device).type == "meta":
+            raise NotImplementedError("no kernels on meta")
+        return impl(spec, plan, sp_rank, sp_size, device)
+
+    status = _by_status(cases := probe_keys(NativeProvider(rope, "no meta"), "cpu"))
+    assert status == {"passed": {"base", *FIELDS} - {"device"}, "failed": set(), "skipped": {"device"}}
+    (case,) = [c for c in cases if c.scheme == "device"]
+    assert case.details[0].startswith("not probed: the implementation cannot build on meta"), case.details
+    assert "NotImplementedError: no kernels on meta" in case.details[0]
+
+
 def _keyed(key_of):  # type: ignore[no-untyped-def]
-    """A native implementation with correct tables, cached under ``key_of(spec, plan, sp_rank, sp_size)``."""
+    """A native implementation with correct tables, cached under ``key_of(spec, plan, sp_rank, sp_size)``
+    and the device."""
     cache: dict[object, RopeSlice] = {}
 
     def rope(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
-        key = key_of(spec, plan, sp_rank, sp_size)
+        key = (key_of(spec, plan, sp_rank, sp_size), device)
         if key not in cache:
             tokens = plan.indices(spec.grid, sp_rank, sp_size)
-            cache[key] = RopeSlice(*build_table(spec, tokens), tokens)
+            cache[key] = RopeSlice(*(t.to(device) for t in build_table(spec, tokens)), tokens)
         return cache[key]
 
     return NativeProvider(rope, "keyed")
@@ -227,7 +271,8 @@ def test_another_wrong_table_is_an_oracle_mismatch_naming_the_varied_field():
 
 def test_rows_for_another_ranks_tokens_are_a_plan_mismatch():
     failures = _failures(probe_keys(_provider("native_next_rank_tokens"), "cpu"))
-    assert failures["base"] == ["plan-mismatch"] and set(failures) == {"base", *FIELDS}
+    # Its tokens on meta hold no values: the device field's other calls are the base's, judged once.
+    assert failures["base"] == ["plan-mismatch"] and set(failures) == {"base", *FIELDS} - {"device"}
 
 
 def test_a_table_written_after_it_was_returned_is_reported():
@@ -303,7 +348,7 @@ def test_theta_held_in_float32_for_a_float64_table_is_an_oracle_mismatch_every_r
 
         narrowed = spec.replace(theta=float(torch.tensor(spec.theta, dtype=torch.float32)))
         tokens = plan.indices(spec.grid, sp_rank, sp_size)
-        return RopeSlice(*build_table(narrowed, tokens), tokens)
+        return RopeSlice(*(t.to(device) for t in build_table(narrowed, tokens)), tokens)
 
     assert _failures(probe_keys(NativeProvider(rope, "float32 theta"), "cpu")) == {"theta (+0.1)": ["oracle-mismatch"]}
 
