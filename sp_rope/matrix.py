@@ -193,10 +193,12 @@ def large_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family
     up to 37,800): code paths an implementation switches to above some size, and positions
     far along every axis. One dtype x layout, split along t (only P = 3 divides 21 frames), along
     w, and flat; one block into a causal stream (start_frame 21) only: the cost of a table this
-    size is paid once."""
+    size is paid once. Float64, as FastVideo builds it: its unsharded table (2 x 74 MiB) is then
+    larger than a cache budget of 128 MiB, which a byte-bounded cache must still serve."""
     config = GeometryConfig("b-720p", (21, 45, 80), 128, (44, 42, 42), 1.0e4, description="Wan 720p latent")
     schemes = [s for s in ("contiguous:t", "contiguous:w", "flat") if s in matrix.schemes]
-    dtype, layout = _plain(matrix)
+    layout = _plain(matrix)[1]
+    dtype = "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
     frames = (21,)
     return [Family(config, scheme, dtype, layout, sp, frames, (2,), frames) for sp in layouts for scheme in schemes]
 

@@ -105,6 +105,13 @@ def test_tables_on_another_device_than_asked_are_a_verdict_naming_the_rank():
     assert not re.search(r"wrong-device: rank [013]\b", result.out), result
 
 
+def test_a_cache_that_cannot_hold_a_real_model_table_fails_the_default_run():
+    # Wan 720p's float64 unsharded table (2 x 74 MiB) is larger than this cache's 128 MiB budget.
+    result = check("--nproc", "4", "--seed", "1", "--impl", f"{FIXTURES}/faulty.py:byte_budget_lru")
+    assert result.code == 1, result
+    assert re.search(r"FAIL b-720p/.*implementation-error: .*KeyError", result.out), result
+
+
 def test_rank_that_hangs_ends_job_after_timeout_naming_it():
     marker = uuid.uuid4().hex
     result = check(
