@@ -15,7 +15,8 @@ The default matrix is built to leave no plausible bug standing, not to look tidy
   convention can express; h and w equal in size and dims but not factors; seeded random
   geometries (split zigzag along a spatial long axis too: token order not row-major); 2-D and
   1-D grids; sequences that do not divide (35 and 5 tokens, flat with padding and uneven); Wan
-  720p's latent at its real size. Each runs at a causal offset != 0 too.
+  720p's latent at its real size; small grids at far offsets (past 16k frames, past 128k
+  positions). Each runs at a causal offset != 0 too.
 - **Call patterns**: calls per (family, start_frame) vary with the seed; the second pass revisits
   start_frames in a seeded order; one deep sweep of 40 block-causal start_frames (0, T, 2T, ...)
   split along t on a tiny grid evicts a 32-entry cache and then re-enters it.
@@ -159,6 +160,7 @@ def families(matrix: Matrix, world_size: int, seed: int, breadth: bool) -> list[
             out.extend(_seeded_families(config, matrix, layouts, rng))
         out.extend(ragged_families(layouts, matrix))
         out.extend(large_families(layouts, matrix))
+        out.extend(far_families(layouts, matrix))
         out.append(deep_sweep(layouts[0], matrix))
     return out
 
@@ -229,6 +231,29 @@ def _seeded_families(
                 reentry = tuple(rng.sample(frames, len(frames)))
                 out.append(Family(config, scheme, dtype, layout, sp, frames, calls, reentry))
     return out
+
+
+# Positions past every table precomputed up to a power of two (8k, 16k ... 128k positions) and
+# grown on demand: an LLM's decode position past 128k (1-D, a zigzag split as ring attention
+# uses) and a causal video stream past 16k frames.
+FAR = (
+    (GeometryConfig("b-far-1d", (96,), 32, (32,), 5.0e5, description="decode past 128k positions"), 131_077),
+    (GeometryConfig("b-far", (12, 4, 4), 24, (8, 8, 8), 1.0e4, description="a stream past 16k frames"), 16_387),
+)
+
+
+def far_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family]:
+    """Small grids at far causal offsets (``FAR``), float64: a table built there in a narrower
+    dtype, or from positions that wrapped, is off by far more than the tolerance."""
+    schemes = [s for s in ("contiguous:t", "zigzag", "flat") if s in matrix.schemes]
+    dtype = "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
+    layout = _plain(matrix)[1]
+    return [
+        Family(config, scheme, dtype, layout, sp, (sf,), (2,), (sf,))
+        for config, sf in FAR
+        for sp in layouts
+        for scheme in schemes
+    ]
 
 
 def deep_sweep(sp: SpLayout, matrix: Matrix) -> Family:

@@ -190,6 +190,34 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     )
     # slices of a real model's size (paths an implementation switches to above some size)
     assert any(tokens[f] // f.sp.size > 32768 for f in fams)
+    # an unsharded table larger than a 128 MiB cache budget (float64, as FastVideo builds it)
+    assert any(f.dtype == "float64" and tokens[f] * f.config.head_dim * 2 * 8 > 128 * 2**20 for f in fams)
+    # positions past tables precomputed up to 2^14 frames and 2^17 positions, in float64: a
+    # token sequence (an LLM's decode position), split zigzag too, and a causal video stream
+    far = [f for f in fams if f.dtype == "float64" and min(f.start_frames) > 2**14]
+    assert any(len(f.config.grid) == 1 and min(f.start_frames) > 2**17 and f.plan.scheme == "zigzag" for f in far)
+    assert any(len(f.config.grid) == 3 for f in far)
+
+
+def test_the_far_offsets_catch_angles_made_in_float32_past_a_precomputed_table():
+    # A table precomputed for 8192 positions and grown on demand with float32 angles: fine below,
+    # off by far more than the tolerance at the far offsets (and so at every axis they shift).
+    import torch
+
+    from sp_rope.matrix import FAR
+    from sp_rope.oracle import oracle_table, tolerance
+    from sp_rope.tables import unravel
+
+    for config, start_frame in FAR:
+        spec = config.spec("float64", "interleaved", start_frame)
+        want_cos, _ = oracle_table(spec)
+        frames = unravel(torch.arange(spec.num_tokens), spec.grid)[0] + start_frame
+        d = spec.rope_dim_list[0]
+        freq = 1.0 / spec.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        grown = torch.outer(frames.float(), freq.float()).double().cos().repeat_interleave(2, 1)
+        assert float((grown - want_cos[:, :d]).abs().max()) > 1000 * tolerance(spec), config.name
+        exact = torch.outer(frames.double(), freq).cos().repeat_interleave(2, 1)  # the same formula in float64
+        assert float((exact - want_cos[:, :d]).abs().max()) <= tolerance(spec), config.name
 
 
 def test_every_seeded_default_family_either_shards_or_is_skipped_for_a_reason():
