@@ -90,6 +90,12 @@ BASES = (
 )
 
 
+# The finest nudges that still move the base's table far past the float64 tolerance (by ~1e-10;
+# interpolation scales float32 positions, so its nudge is float32's resolution), while a key that
+# rounds "float noise" away (round(x, 6), a float32 cast, "%.6g") merges them with the base.
+FINE = {"theta": 30, "theta_rescale_factor": 30, "interpolation_factor": 22}  # x(1 + 2^-n)
+
+
 def variants(base: Base) -> list[Variant]:
     """Each field of ``base`` changed alone, to a value that changes the table: grossly, and by
     as little as a cache key that rounds, truncates or keeps a product would miss."""
@@ -112,6 +118,8 @@ def variants(base: Base) -> list[Variant]:
     # Equal to the nearest integer, and not representable in float32: a rounding key, or theta
     # held in a float32 buffer for a float64 table, gives the base's table or a wrong one.
     out.append(Variant("theta (+0.1)", b.with_spec(theta=s.theta + 0.1), f"{s.theta:g} -> {s.theta + 0.1:g}"))
+    fine = s.theta * (1 + 2.0 ** -FINE["theta"])
+    out.append(Variant(f"theta (x(1+2^-{FINE['theta']}))", b.with_spec(theta=fine), f"{s.theta:g} -> {fine:.17g}"))
     for name in ("theta_rescale_factor", "interpolation_factor"):
         values: tuple[float, ...] = getattr(s, name)
         for a, value in enumerate(values):
@@ -122,6 +130,9 @@ def variants(base: Base) -> list[Variant]:
         out.append(
             Variant(f"{name}[0] (x(1+2^-10))", b.with_spec(**{name: nudged}), f"{values[0]:g} -> {nudged[0]:.9g}")
         )
+        finer = (values[0] * (1 + 2.0 ** -FINE[name]), *values[1:])
+        out.append(Variant(f"{name}[0] (x(1+2^-{FINE[name]}))", b.with_spec(**{name: finer}),
+                           f"{values[0]:g} -> {finer[0]:.17g}"))
         # The same values on other axes (rotated by one, against the base or, where its values
         # are all equal, against one changed on t): a key on the set or the sorted values.
         unequal = values if len(set(values)) > 1 else (values[0] * 1.5, *values[1:])

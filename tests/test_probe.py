@@ -24,13 +24,14 @@ from sp_rope.tables import build_table
 SWAPS = ["grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "grid[0] <-> grid[2]"]
 DIM_MOVES = ["rope_dim_list[1] -> [0]", "rope_dim_list[1] -> [2]", "rope_dim_list[0] -> [2]"]
 NUDGES = ["theta (+0.1)", "theta_rescale_factor[0] (x(1+2^-10))", "interpolation_factor[0] (x(1+2^-10))"]
+FINE = ["theta (x(1+2^-30))", "theta_rescale_factor[0] (x(1+2^-30))", "interpolation_factor[0] (x(1+2^-22))"]
 REORDERED = ["theta_rescale_factor (same values, other axes)", "interpolation_factor (same values, other axes)"]
 SCHEME_PARAMETERS = [
     "scheme parameter (usp:2 / usp:4)", "scheme parameter (usp:2 / usp:1)", "scheme parameter (usp:2 / usp:3)",
     "scheme parameter (flat:pad / flat:uneven)",
 ]
 FIELDS = [
-    "grid[0]", "grid[1]", "grid[2]", *SWAPS, *DIM_MOVES, "theta", *NUDGES,
+    "grid[0]", "grid[1]", "grid[2]", *SWAPS, *DIM_MOVES, "theta", *NUDGES, *FINE,
     "theta_rescale_factor[0]", "theta_rescale_factor[1]", "theta_rescale_factor[2]",
     "interpolation_factor[0]", "interpolation_factor[1]", "interpolation_factor[2]", *REORDERED,
     "head dim", "dtype", "layout", "layout (neox)", "start_frame", "sp_rank", "sp_size", "shard axis", "scheme",
@@ -45,13 +46,13 @@ KEY_FIELD_FAILS = {
     "grid[1]": {"grid[1]"},
     "grid[2]": {"grid[2]"},
     "rope_dim_list": {*DIM_MOVES, "head dim"},
-    "theta": {"theta", NUDGES[0]},
+    "theta": {"theta", NUDGES[0], FINE[0]},
     # The reordered rescale alternates (3, 2, 2) with (2, 2, 3): without [0] the first is the base's key,
     # without [2] the second.
-    "theta_rescale_factor[0]": {"theta_rescale_factor[0]", NUDGES[1], REORDERED[0]},
+    "theta_rescale_factor[0]": {"theta_rescale_factor[0]", NUDGES[1], FINE[1], REORDERED[0]},
     "theta_rescale_factor[1]": {"theta_rescale_factor[1]"},
     "theta_rescale_factor[2]": {"theta_rescale_factor[2]", REORDERED[0]},
-    "interpolation_factor[0]": {"interpolation_factor[0]", NUDGES[2]},
+    "interpolation_factor[0]": {"interpolation_factor[0]", NUDGES[2], FINE[2]},
     "interpolation_factor[1]": {"interpolation_factor[1]"},
     "interpolation_factor[2]": {"interpolation_factor[2]"},
     "dtype": {"dtype"},
@@ -106,7 +107,7 @@ def test_sp_rope_itself_passes_every_field():
 def test_diffusers_wan_is_probed_where_it_can_be_and_skipped_elsewhere():
     cases = probe_keys(DiffusersWanProvider(), "cpu")
     status = _by_status(cases)
-    probed = {"base", "grid[0]", "grid[1]", "grid[2]", *SWAPS, "theta", "theta (+0.1)", "head dim", "sp_rank",
+    probed = {"base", "grid[0]", "grid[1]", "grid[2]", *SWAPS, "theta", "theta (+0.1)", FINE[0], "head dim", "sp_rank",
               "sp_size", "device"}
     assert status == {"passed": probed, "failed": set(), "skipped": {"base", *FIELDS} - probed}
     assert all(c.details[0].startswith("not probed: ") for c in cases if c.status == "skipped")
@@ -183,6 +184,16 @@ def _rest(spec, plan, sp_rank, sp_size):  # type: ignore[no-untyped-def]
     return (spec.dtype, spec.layout, spec.start_frame, str(plan), sp_rank, sp_size)
 
 
+def _floats(spec, normal):  # type: ignore[no-untyped-def]
+    """theta and the factors, each value through ``normal``, as a key would hold them."""
+    return (normal(spec.theta), *(tuple(map(normal, values)) for values in (
+        spec.theta_rescale_factor, spec.interpolation_factor)))
+
+
+def _as_float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
 def _local_shape(grid, plan, sp_size):  # type: ignore[no-untyped-def]
     """What a rank holds, as a model that shards the latent before building its table sees it."""
     if plan.scheme != "contiguous":
@@ -192,6 +203,14 @@ def _local_shape(grid, plan, sp_size):  # type: ignore[no-untyped-def]
 
 # Keys that hold every field in some form, and still lose a difference; the probe field that sees it.
 NEAR_MISS_KEYS = {
+    "every float rounded to 6 decimals (float noise in configs)": (
+        lambda s, p, r, n: (s.grid, s.rope_dim_list, *_floats(s, lambda v: round(v, 6)), *_rest(s, p, r, n)),
+        set(FINE),
+    ),
+    "every float as float32": (
+        lambda s, p, r, n: (s.grid, s.rope_dim_list, *_floats(s, _as_float32), *_rest(s, p, r, n)),
+        {FINE[0], FINE[1]},  # interpolation's nudge is float32's resolution: the key keeps it
+    ),
     "the product of h and w": (
         lambda s, p, r, n: (s.grid[0], s.grid[1] * s.grid[2], s.rope_dim_list, s.theta, s.theta_rescale_factor,
                             s.interpolation_factor, *_rest(s, p, r, n)),
@@ -206,7 +225,7 @@ NEAR_MISS_KEYS = {
         lambda s, p, r, n: (s.grid, s.rope_dim_list, f"{s.theta:.0f}",
                             " ".join(f"{v:.2f}" for v in (*s.theta_rescale_factor, *s.interpolation_factor)),
                             *_rest(s, p, r, n)),
-        set(NUDGES),
+        {*NUDGES, *FINE},
     ),
     "the rank's local shape instead of the grid and shard axis": (
         lambda s, p, r, n: (_local_shape(s.grid, p, n), s.rope_dim_list, s.theta, s.theta_rescale_factor,
@@ -243,7 +262,7 @@ def test_a_key_on_the_identity_of_the_spec_is_caught():
 # Catalog mutants whose cache key forgets a field, and the fields the probe must name for them.
 KEY_MUTANTS = {
     "fv_key_grid_th": {"grid[2]", SWAPS[2]},  # (6, 2, 4) meets grid[0]'s (6, 2, 6), still cached
-    "fv_key_no_theta": {"theta", NUDGES[0]},
+    "fv_key_no_theta": {"theta", NUDGES[0], FINE[0]},
     "fv_key_rescale_first": {"theta_rescale_factor[1]", "theta_rescale_factor[2]", REORDERED[0]},
     "fv_key_interp_first_two": {"interpolation_factor[2]"},
     "fv_key_no_use_real": {"layout"},
@@ -341,8 +360,10 @@ def test_the_variants_of_one_field_share_a_group_so_a_rank_runs_them_together():
     assert len(set(groups.values())) >= 8 and groups["base"] == 0
 
 
-def test_theta_held_in_float32_for_a_float64_table_is_an_oracle_mismatch_every_run():
+def test_theta_held_in_float32_for_a_float64_table_is_caught_every_run():
     # No cache at all: the tables themselves are wrong wherever theta is not exact in float32.
+    # Below float32's resolution the table is the base's own, as a key that drops the difference
+    # would give (its message says "or ... ignored").
     def rope(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
         import torch
 
@@ -350,7 +371,9 @@ def test_theta_held_in_float32_for_a_float64_table_is_an_oracle_mismatch_every_r
         tokens = plan.indices(spec.grid, sp_rank, sp_size)
         return RopeSlice(*(t.to(device) for t in build_table(narrowed, tokens)), tokens)
 
-    assert _failures(probe_keys(NativeProvider(rope, "float32 theta"), "cpu")) == {"theta (+0.1)": ["oracle-mismatch"]}
+    assert _failures(probe_keys(NativeProvider(rope, "float32 theta"), "cpu")) == {
+        "theta (+0.1)": ["oracle-mismatch"], FINE[0]: ["key-incomplete"]
+    }
 
 
 class _Lru:
