@@ -205,10 +205,13 @@ class ArgumentLists:
         return self.sizes, self.dims
 
     def factors(self, spec: RopeSpec) -> dict[str, float | list[float]]:
-        """The two factors, spelled differently from each other and from the last call."""
+        """The two factors, spelled differently from each other; the spelling moves on every
+        second call, so that consecutive calls also agree in everything but the refilled lists (a
+        memo of the last call's arguments that holds these very lists then takes them as equal)."""
+        spelling = self.calls // 2
         return {
-            "theta_rescale_factor": as_passed(spec.theta_rescale_factor, self.calls),  # type: ignore[arg-type]
-            "interpolation_factor": as_passed(spec.interpolation_factor, self.calls + 1),  # type: ignore[arg-type]
+            "theta_rescale_factor": as_passed(spec.theta_rescale_factor, spelling),  # type: ignore[arg-type]
+            "interpolation_factor": as_passed(spec.interpolation_factor, spelling + 1),  # type: ignore[arg-type]
         }
 
 

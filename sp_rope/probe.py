@@ -109,6 +109,20 @@ def variants(base: Base) -> list[Variant]:
         swapped[a], swapped[c] = swapped[c], swapped[a]
         change = f"{list(s.grid)} -> {swapped}"
         out.append(Variant(f"grid[{a}] <-> grid[{c}]", b.with_spec(grid=tuple(swapped)), change))
+    # Two fields changed together so that a sum or a symmetric combination of them stays the
+    # same: a key on the end frame (T + start_frame), or on an XOR or sum of the fields' hashes.
+    step = 2 if s.start_frame >= 2 else -2  # T longer and the offset earlier, or the other way
+    grid, offset = (s.grid[0] + step, *s.grid[1:]), s.start_frame - step
+    out.append(Variant("grid[0] + start_frame (same end frame)", b.with_spec(grid=grid, start_frame=offset),
+                       f"T {s.grid[0]} at {s.start_frame} -> T {grid[0]} at {offset}"))
+    # (Against rescale changed on t where the two are equal: a swap must change something.)
+    rescale, interpolation = (list(getattr(s, name)) for name in ("theta_rescale_factor", "interpolation_factor"))
+    if rescale == interpolation:
+        rescale[0] *= 1.5
+    unswapped = b.with_spec(theta_rescale_factor=tuple(rescale))
+    out.append(Variant("theta_rescale_factor <-> interpolation_factor", b.with_spec(
+        theta_rescale_factor=tuple(interpolation), interpolation_factor=tuple(rescale)),
+        f"{rescale}, {interpolation} -> {interpolation}, {rescale}", None if unswapped == b else unswapped))
     for a, c in ((1, 0), (1, 2), (0, 2)):  # 4 dims moved between each pair of axes: the same head dim
         dims = list(s.rope_dim_list)
         dims[a], dims[c] = dims[a] - 4, dims[c] + 4
@@ -190,6 +204,13 @@ def _wrong_form(inp: ProbeInput, sl: RopeSlice) -> str | None:
         got = f"cos {list(sl.cos.shape)} {sl.cos.dtype}, sin {list(sl.sin.shape)} {sl.sin.dtype}"
         return f"is {got}; expected {list(want[0])} {want[1]}"
     return None
+
+
+def _misfit(inp: ProbeInput, sl: RopeSlice, device: str) -> bool:
+    """Whether ``sl`` is on another device, or of another shape or dtype, than ``inp``'s table."""
+    on = on_device(sl.cos, inp.device or device) and on_device(sl.sin, inp.device or device)
+    rows = len(inp.plan.indices(inp.spec.grid, inp.sp_rank, inp.sp_size))
+    return not on or sl.indices.numel() != rows or _wrong_form(inp, sl) is not None
 
 
 def wrong(inp: ProbeInput, sl: RopeSlice) -> str | None:
@@ -446,7 +467,8 @@ def probe_eviction(
             break
         inputs.append(inp)
         sl = probe.get(inp)
-        if isinstance(sl, Exception) or k % EVICTION_ORACLE_EVERY == 0:
+        # Every table's device, shape and dtype (no values: cheap), some against the formula too.
+        if isinstance(sl, Exception) or k % EVICTION_ORACLE_EVERY == 0 or _misfit(inp, sl, probe.device):
             probe.judge(case, inp, f"the first call for {name(k)}", sl)
         if isinstance(sl, Exception) or case.diagnoses or not held.keep(name(k), sl):
             return case

@@ -5,7 +5,9 @@ express, and the fields they cannot express are reported skipped, never passed."
 from __future__ import annotations
 
 import collections
+import functools
 import math
+import operator
 import re
 
 import pytest
@@ -22,6 +24,7 @@ from sp_rope.tables import build_table
 
 # Written out here, not taken from sp_rope.probe: a field the probe stops varying fails these tests.
 SWAPS = ["grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "grid[0] <-> grid[2]"]
+PAIRS = ["grid[0] + start_frame (same end frame)", "theta_rescale_factor <-> interpolation_factor"]
 DIM_MOVES = ["rope_dim_list[1] -> [0]", "rope_dim_list[1] -> [2]", "rope_dim_list[0] -> [2]"]
 NUDGES = ["theta (+0.1)", "theta_rescale_factor[0] (x(1+2^-10))", "interpolation_factor[0] (x(1+2^-10))"]
 FINE = ["theta (x(1+2^-30))", "theta_rescale_factor[0] (x(1+2^-30))", "interpolation_factor[0] (x(1+2^-22))"]
@@ -31,7 +34,7 @@ SCHEME_PARAMETERS = [
     "scheme parameter (flat:pad / flat:uneven)",
 ]
 FIELDS = [
-    "grid[0]", "grid[1]", "grid[2]", *SWAPS, *DIM_MOVES, "theta", *NUDGES, *FINE,
+    "grid[0]", "grid[1]", "grid[2]", *SWAPS, *PAIRS, *DIM_MOVES, "theta", *NUDGES, *FINE,
     "theta_rescale_factor[0]", "theta_rescale_factor[1]", "theta_rescale_factor[2]",
     "interpolation_factor[0]", "interpolation_factor[1]", "interpolation_factor[2]", *REORDERED,
     "head dim", "dtype", "layout", "layout (neox)", "start_frame", "sp_rank", "sp_size", "shard axis", "scheme",
@@ -211,6 +214,16 @@ NEAR_MISS_KEYS = {
         lambda s, p, r, n: (s.grid, s.rope_dim_list, *_floats(s, _as_float32), *_rest(s, p, r, n)),
         {FINE[0], FINE[1]},  # interpolation's nudge is float32's resolution: the key keeps it
     ),
+    "the end frame instead of T and start_frame": (
+        lambda s, p, r, n: (s.grid[0] + s.start_frame, s.grid[1:], s.rope_dim_list, s.theta, s.theta_rescale_factor,
+                            s.interpolation_factor, s.dtype, s.layout, str(p), r, n),
+        {PAIRS[0]},
+    ),
+    "an XOR of the fields' hashes": (
+        lambda s, p, r, n: (functools.reduce(operator.xor, map(hash, (
+            s.grid, s.rope_dim_list, s.theta, s.theta_rescale_factor, s.interpolation_factor))), *_rest(s, p, r, n)),
+        {PAIRS[1]},
+    ),
     "the product of h and w": (
         lambda s, p, r, n: (s.grid[0], s.grid[1] * s.grid[2], s.rope_dim_list, s.theta, s.theta_rescale_factor,
                             s.interpolation_factor, *_rest(s, p, r, n)),
@@ -268,7 +281,7 @@ KEY_MUTANTS = {
     "fv_key_no_use_real": {"layout"},
     "fv_key_no_rope_dim_list": {*DIM_MOVES, "head dim"},
     "fv_key_no_dtype": {"dtype"},
-    "fv_key_no_start_frame": {"start_frame"},
+    "fv_key_no_start_frame": {"start_frame", PAIRS[0]},  # its T meets the grid[0] variant's at another offset
     "fv_key_no_sp_rank": {"sp_rank", LOCAL_SHAPE},
     "fv_key_no_sp_world_size": {"sp_size"},
 }
@@ -446,6 +459,21 @@ def test_the_sweep_goes_past_the_bound_of_a_large_cache_it_can_see(visible):
         assert case.diagnoses == ["stale-after-eviction"], case.details
     else:  # unseen, the sweep stops at EVICTION_DEPTH inputs, below the bound
         assert case.status == "passed" and len(impl.entries) == EVICTION_DEPTH, case.details
+
+
+def test_every_sweep_table_of_another_shape_is_caught_not_only_those_judged_by_the_formula():
+    # One stray row for one latent size: the sweep's second input, which is not judged against
+    # the formula (its table is new, so no digest matches an earlier one either).
+    def rope(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        tokens = plan.indices(spec.grid, sp_rank, sp_size)
+        cos, sin = build_table(spec, tokens)
+        if spec.grid == (4, 1, 1):
+            cos, sin = torch.cat([cos, cos[:1]]), torch.cat([sin, sin[:1]])
+        return RopeSlice(cos, sin, tokens)
+
+    case = probe_eviction(NativeProvider(rope, "a stray row"), "cpu")
+    assert case.diagnoses == ["oracle-mismatch"], case.details
+    assert "the first call for input 2 (grid [4, 1, 1]" in case.details[0] and "expected [2, 24]" in case.details[0]
 
 
 def test_an_eviction_sweep_sees_a_wrong_fresh_table():
