@@ -112,6 +112,18 @@ def test_a_cache_that_cannot_hold_a_real_model_table_fails_the_default_run():
     assert re.search(r"FAIL b-720p/.*implementation-error: .*KeyError", result.out), result
 
 
+def test_ranks_that_reach_one_key_for_one_table_pass(tmp_path):
+    # 4 frames over P = 4: rank r at start_frame 1 covers rank r + 1's frame at start_frame 0.
+    config = tmp_path / "four_frames.toml"
+    config.write_text('name = "four-frames"\ngrid = [4, 2, 2]\nhead_dim = 16\n')
+    impl = f"{FIXTURES}/frames_keyed.py"
+    result = check("--nproc", "4", "--impl", f"{impl}:rope", "--impl-cache", f"{impl}:CACHE", "--config", str(config),
+                   "--schemes", "contiguous:t", "--dtypes", "float32", "--layouts", "interleaved",
+                   "--start-frames", "0,1")
+    assert result.code == 0, result
+    assert "0 failed" in result.out.strip().splitlines()[-1], result
+
+
 def test_rank_that_hangs_ends_job_after_timeout_naming_it():
     marker = uuid.uuid4().hex
     result = check(

@@ -103,3 +103,30 @@ def test_padding_rows_must_be_the_identity_and_real_rows_still_match():
         f"slice-mismatch: rank 3 (flat:pad, P=4) cos differs from the unsharded table at token (t={t}, h={h}, w={w}) "
         "(local row 0)"
     ), case.details
+
+
+def _record(key: str, table: str, rank: int, group: str = "consecutive0", case: int = 0):  # type: ignore[no-untyped-def]
+    from sp_rope.judge import KeyRecord
+
+    return KeyRecord(key, key, table, rank, 2, group, case)
+
+
+def test_a_key_two_ranks_share_for_different_tables_is_a_collision_naming_the_ranks():
+    from sp_rope.judge import find_key_collisions
+
+    ((cases, message),) = find_key_collisions([_record("k", "t0", 0, case=3), _record("k", "t1", 1, case=4)])
+    assert cases == {3, 4}
+    assert message == "ranks [0, 1] of SP group consecutive0 (P=2) share cache key k, for different tables"
+
+
+def test_a_key_two_ranks_share_for_one_table_is_no_collision():
+    from sp_rope.judge import find_key_collisions
+
+    assert find_key_collisions([_record("k", "t0", 0, case=3), _record("k", "t0", 1, case=4)]) == []
+
+
+def test_a_key_for_two_tables_across_groups_is_a_collision():
+    from sp_rope.judge import find_key_collisions
+
+    ((cases, message),) = find_key_collisions([_record("k", "t0", 0), _record("k", "t1", 3, group="strided1")])
+    assert message == "cache key k maps to two different tables (rank 0 P=2 and rank 3 P=2)"
