@@ -318,13 +318,15 @@ def fig_presets(s: Settings) -> list[Row]:
                         (mib - bare_mib) / pair_mib, 2.0, "<=",
                         f"peak {mib:.0f} MiB, {seconds:.1f} s, exit {code}"))
     # Growth with the number of presets: k copies of one preset under other names (a preset named
-    # twice counts once), each narrowed the same way, so every preset adds the same work.
+    # twice counts once) and thetas (equal tables would be built and judged once), each narrowed
+    # the same way, so every preset adds the same work.
     with tempfile.TemporaryDirectory() as tmp:
         source = (ROOT / "configs" / "wan2.1-t2v-1.3b-480p.toml").read_text()
         copies = []
         for i in range(4):
             path = Path(tmp) / f"copy{i}.toml"
-            path.write_text(re.sub(r'(?m)^name = ".*"$', f'name = "copy{i}"', source))
+            text = re.sub(r'(?m)^name = ".*"$', f'name = "copy{i}"', source)
+            path.write_text(re.sub(r"(?m)^theta = .*$", f"theta = {10000.0 + i}", text))
             copies.append(str(path))
         times = {n: _measure(_table_level(*copies[:n], narrow=True))[1] for n in (1, 2, 4)}
     slopes = (times[2] - times[1], (times[4] - times[2]) / 2)

@@ -11,6 +11,7 @@ whether it is the very table (by content digest) an earlier call got for another
 - ``key-incomplete``: the wrong table is one returned earlier for another input, the field named;
 - ``oracle-mismatch``: another wrong table (dtype, shape or values), the varied field named;
 - ``plan-mismatch``: rows for other tokens than the plan gives the rank;
+- ``wrong-device``: a table on another device than the call asked for;
 - ``mutated-in-place``: the implementation's adapter saw a table written after it was returned.
 
 Local and pure: no collectives, one process plays every SP rank and size. ``only`` picks the
