@@ -15,8 +15,8 @@ The default matrix is built to leave no plausible bug standing, not to look tidy
   convention can express; h and w equal in size and dims but not factors; seeded random
   geometries (split zigzag along a spatial long axis too: token order not row-major); 2-D and
   1-D grids; sequences that do not divide (35 and 5 tokens, flat with padding and uneven); Wan
-  720p's latent at its real size; small grids at far offsets (past 16k frames, past 128k
-  positions). Each runs at a causal offset != 0 too.
+  720p's latent at its real size, 1080p's with a thin head; small grids at far offsets (past 16k
+  frames, past 128k positions). Each runs at a causal offset != 0 too.
 - **Call patterns**: calls per (family, start_frame) vary with the seed; the second pass revisits
   start_frames in a seeded order; one deep sweep of 40 block-causal start_frames (0, T, 2T, ...)
   split along t on a tiny grid evicts a 32-entry cache and then re-enters it.
@@ -202,7 +202,13 @@ def large_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family
     layout = _plain(matrix)[1]
     dtype = "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
     frames = (21,)
-    return [Family(config, scheme, dtype, layout, sp, frames, (2,), frames) for sp in layouts for scheme in schemes]
+    out = [Family(config, scheme, dtype, layout, sp, frames, (2,), frames) for sp in layouts for scheme in schemes]
+    # Past 2^17 tokens (Wan 1080p's latent: 171,360) with a thin head, so its tables stay small:
+    # an unsharded table that long is where code switches to building in chunks.
+    thin = GeometryConfig("b-1080p-thin", (21, 68, 120), 12, (4, 4, 4), 1.0e4, description="Wan 1080p latent")
+    flat = [s for s in ("flat",) if s in matrix.schemes]
+    return out + [Family(thin, scheme, _plain(matrix)[0], layout, sp, frames, (1,), frames)
+                  for sp in layouts if sp.kind == "consecutive" for scheme in flat]
 
 
 def _seeded_families(

@@ -190,6 +190,8 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     )
     # slices of a real model's size (paths an implementation switches to above some size)
     assert any(tokens[f] // f.sp.size > 32768 for f in fams)
+    # an unsharded table of more than 2^17 tokens (where code builds in chunks)
+    assert any(tokens[f] > 2**17 for f in fams)
     # an unsharded table larger than a 128 MiB cache budget (float64, as FastVideo builds it)
     assert any(f.dtype == "float64" and tokens[f] * f.config.head_dim * 2 * 8 > 128 * 2**20 for f in fams)
     # positions past tables precomputed up to 2^14 frames and 2^17 positions, in float64: a
