@@ -190,6 +190,9 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     )
     # slices of a real model's size (paths an implementation switches to above some size)
     assert any(tokens[f] // f.sp.size > 32768 for f in fams)
+    # Wan's split at a head dim = 4 mod 6 (64: 24/20/20), where 2*(d//6) and 2*round(d/6) part
+    wan_split = {c: (c.head_dim - 4 * (c.head_dim // 6), 2 * (c.head_dim // 6), 2 * (c.head_dim // 6)) for c in configs}
+    assert any(c.head_dim % 6 == 4 and c.rope_dim_list == wan_split[c] for c in configs)
     # an unsharded table of more than 2^17 tokens (where code builds in chunks)
     assert any(tokens[f] > 2**17 for f in fams)
     # an unsharded table larger than a 128 MiB cache budget (float64, as FastVideo builds it)
