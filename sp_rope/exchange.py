@@ -8,6 +8,7 @@ claimed token indices (so rank 0 can still say whether the group partitions the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,13 @@ class RankReport:
     probes: list[CaseResult] = field(default_factory=list)
 
 
-def collect(job: Job, mine: RankReport, cases: list[Case], report: Report) -> Report | None:
+# Whether one process, asked for the first call's input and then the other's, gives the other
+# its own table (a cache whose entries hold more than the key says: a window of frames checked
+# on every hit); False when it hands out the first's table, or anything else.
+Replay = Callable[[KeyRecord, KeyRecord], bool]
+
+
+def collect(job: Job, mine: RankReport, cases: list[Case], report: Report, replay: Replay) -> Report | None:
     """Gather every rank's report at rank 0 and merge it into ``report`` (None elsewhere)."""
     job.sync("collect results")
     with phase("collect results"):
@@ -44,12 +51,12 @@ def collect(job: Job, mine: RankReport, cases: list[Case], report: Report) -> Re
     if gathered is None:
         return None
     with phase("merge results"):
-        merge(gathered, cases)
+        merge(gathered, cases, replay)
     report.cases = [case.result for case in cases] + [p for r in gathered for p in r.probes]
     return report
 
 
-def merge(reports: list[RankReport], cases: list[Case]) -> None:
+def merge(reports: list[RankReport], cases: list[Case], replay: Replay | None = None) -> None:
     judged: dict[int, set[int]] = {}
     found: dict[int, list[tuple[int, int, str, str, float]]] = {}
     for r in reports:
@@ -75,10 +82,12 @@ def merge(reports: list[RankReport], cases: list[Case]) -> None:
             case.result.fail("slice-mismatch", f"rank(s) {sorted(missing)} returned no table for this case")
     _partitions(reports, cases)
     _references_agree(reports, cases)
-    for involved, message in find_key_collisions([rec for r in reports for rec in r.records]):
-        for index in sorted(involved):
+    for collision in find_key_collisions([rec for r in reports for rec in r.records]):
+        if replay is not None and replay(collision.first, collision.other):
+            continue  # one process tells the two calls apart: the key is shared, no table is
+        for index in sorted(collision.cases):
             if cases[index].result.status != SKIPPED:
-                cases[index].result.fail("key-collision", message)
+                cases[index].result.fail("key-collision", collision.message)
 
 
 def _raise_level(result: CaseResult, level: str) -> None:

@@ -125,16 +125,26 @@ class KeyRecord:
     case: int
 
 
-def find_key_collisions(records: list[KeyRecord]) -> list[tuple[set[int], str]]:
-    """(case indices involved, message) for every cache key that maps to two different tables:
-    on two ranks of one SP group (a key without the SP rank, or an offset the rank derives), or
-    anywhere else. Ranks that reach one key for one table (a cache keyed on the positions a
-    rank covers: rank r at start_frame 1 and rank r + 1 at 0 hold the same frames) share a
-    correct entry, and every rank's table is judged against the unsharded one anyway."""
+@dataclass(frozen=True)
+class KeyCollision:
+    """One cache key that two ranks' calls reached for two different tables."""
+
+    cases: set[int]
+    message: str
+    first: KeyRecord
+    other: KeyRecord  # a call that got another table than ``first`` under the same key
+
+
+def find_key_collisions(records: list[KeyRecord]) -> list[KeyCollision]:
+    """Every cache key that maps to two different tables: on two ranks of one SP group (a key
+    without the SP rank, or an offset the rank derives), or anywhere else. Ranks that reach one
+    key for one table (a cache keyed on the positions a rank covers: rank r at start_frame 1 and
+    rank r + 1 at 0 hold the same frames) share a correct entry. Whether one process asking for
+    both calls' inputs hands the second the first's table is for the caller to replay."""
     by_key: dict[str, list[KeyRecord]] = defaultdict(list)
     for rec in records:
         by_key[rec.key].append(rec)
-    found: list[tuple[set[int], str]] = []
+    found: list[KeyCollision] = []
     for recs in by_key.values():
         tables: dict[str, KeyRecord] = {}
         for rec in recs:
@@ -149,14 +159,15 @@ def find_key_collisions(records: list[KeyRecord]) -> list[tuple[set[int], str]]:
         shared = False
         for (size, group), members in sorted(groups.items()):
             ranks = sorted({r.rank for r in members})
-            if len(ranks) > 1 and len({r.table for r in members}) > 1:
+            other = next((r for r in members if r.table != members[0].table), None)
+            if len(ranks) > 1 and other is not None:
                 shared = True
-                found.append(({r.case for r in members}, f"ranks {ranks} of SP group {group} (P={size}) share "
-                                                          f"cache key {text}, for different tables"))
+                found.append(KeyCollision({r.case for r in members}, f"ranks {ranks} of SP group {group} (P={size}) "
+                                          f"share cache key {text}, for different tables", members[0], other))
         if not shared:
             a, b = list(tables.values())[:2]
-            found.append(({r.case for r in recs}, f"cache key {text} maps to two different tables "
-                                                  f"(rank {a.rank} P={a.sp_size} and rank {b.rank} P={b.sp_size})"))
+            found.append(KeyCollision({r.case for r in recs}, f"cache key {text} maps to two different tables "
+                                      f"(rank {a.rank} P={a.sp_size} and rank {b.rank} P={b.sp_size})", a, b))
     return found
 
 

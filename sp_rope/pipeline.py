@@ -9,6 +9,7 @@ it lies. A second pass re-enters the start_frames in another order. Only finding
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .config import Matrix
 from .dist import Job, UsageError, phase
 from .exchange import RankReport, collect
 from .judge import (
+    KeyRecord,
     LevelReference,
     RankSlice,
     compare_oracle,
@@ -154,7 +156,24 @@ def run_rank(job: Job, provider: Provider, run: RunSpec) -> Report | None:
         rr.state.fail(index, "overwritten-after-return", message)
     rr.report.findings, rr.report.records = rr.state.findings, list(rr.state.records.values())
     rr.report.probes = _probe(rr)
-    return collect(job, rr.report, cases, Report([], job.env.world_size, job.backend, provider.name, seed=run.seed))
+    report = Report([], job.env.world_size, job.backend, provider.name, seed=run.seed)
+    return collect(job, rr.report, cases, report, functools.partial(_replay_apart, rr, cases))
+
+
+def _replay_apart(rr: RankRun, cases: list[Case], first: KeyRecord, other: KeyRecord) -> bool:
+    """Rank 0 asks for ``first``'s input, then ``other``'s (another rank's calls, played here):
+    whether the second gets the very table its own rank got (see ``exchange.Replay``)."""
+    try:
+        for rec in (first, other):
+            case = cases[rec.case]
+            fam = case.family
+            seat = fam.sp.group_of(rec.rank)
+            assert seat is not None  # the record was made by a rank in one of its groups
+            with as_a_model_calls(rr.job.device):
+                got = rr.provider.get(case.spec, fam.plan, seat[1].index(rec.rank), fam.sp.size, rr.job.device)
+        return str(content_digest(got.cos, got.sin, got.indices)[:2]) == other.table
+    except Exception:  # noqa: BLE001 - a call that fails here does not clear the key
+        return False
 
 
 def skip_reason(provider: Provider, case: Case) -> str | None:

@@ -127,6 +127,15 @@ def test_ranks_that_reach_one_key_for_one_table_pass(tmp_path):
     assert "0 failed" in result.out.strip().splitlines()[-1], result
 
 
+def test_ranks_that_reach_one_key_for_tables_one_process_tells_apart_pass():
+    # A window of frames per key, checked on every hit: rank 0 of a case, replayed on rank 0
+    # before rank 1, still gives rank 1 its own table.
+    impl = f"{FIXTURES}/frame_window.py"
+    result = check("--nproc", "4", "--impl", f"{impl}:rope", "--impl-cache", f"{impl}:CACHE", *SMALL)
+    assert result.code == 0, result
+    assert "0 failed" in result.out.strip().splitlines()[-1], result
+
+
 def test_rank_that_hangs_ends_job_after_timeout_naming_it():
     marker = uuid.uuid4().hex
     result = check(

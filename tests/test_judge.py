@@ -114,9 +114,9 @@ def _record(key: str, table: str, rank: int, group: str = "consecutive0", case: 
 def test_a_key_two_ranks_share_for_different_tables_is_a_collision_naming_the_ranks():
     from sp_rope.judge import find_key_collisions
 
-    ((cases, message),) = find_key_collisions([_record("k", "t0", 0, case=3), _record("k", "t1", 1, case=4)])
-    assert cases == {3, 4}
-    assert message == "ranks [0, 1] of SP group consecutive0 (P=2) share cache key k, for different tables"
+    (found,) = find_key_collisions([_record("k", "t0", 0, case=3), _record("k", "t1", 1, case=4)])
+    assert found.cases == {3, 4} and (found.first.rank, found.other.rank) == (0, 1)  # the calls to replay
+    assert found.message == "ranks [0, 1] of SP group consecutive0 (P=2) share cache key k, for different tables"
 
 
 def test_a_key_two_ranks_share_for_one_table_is_no_collision():
@@ -128,5 +128,5 @@ def test_a_key_two_ranks_share_for_one_table_is_no_collision():
 def test_a_key_for_two_tables_across_groups_is_a_collision():
     from sp_rope.judge import find_key_collisions
 
-    ((cases, message),) = find_key_collisions([_record("k", "t0", 0), _record("k", "t1", 3, group="strided1")])
-    assert message == "cache key k maps to two different tables (rank 0 P=2 and rank 3 P=2)"
+    (found,) = find_key_collisions([_record("k", "t0", 0), _record("k", "t1", 3, group="strided1")])
+    assert found.message == "cache key k maps to two different tables (rank 0 P=2 and rank 3 P=2)"
