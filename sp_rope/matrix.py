@@ -208,11 +208,13 @@ def large_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family
     dtype = "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
     frames = (21,)
     out = [Family(config, scheme, dtype, layout, sp, frames, (2,), frames) for sp in layouts for scheme in schemes]
-    # Past 2^17 tokens (Wan 1080p's latent: 171,360) with a thin head, so its tables stay small:
-    # an unsharded table that long is where code switches to building in chunks.
-    thin = GeometryConfig("b-1080p-thin", (21, 68, 120), 12, (4, 4, 4), 1.0e4, description="Wan 1080p latent")
+    # Past 2^17 tokens (Wan 1080p's latent: 171,360) with a thin head (28, Wan's split 12/8/8),
+    # so its tables stay small: an unsharded table that long is where code switches to building
+    # in chunks. Float32 and start_frame 0 too: the real-size latent the Wan convention can
+    # express, its unsharded table (37 MiB) past a size class of 16 or 32 MiB.
+    thin = GeometryConfig("b-1080p-thin", (21, 68, 120), 28, (12, 8, 8), 1.0e4, description="Wan 1080p latent")
     flat = [s for s in ("flat",) if s in matrix.schemes]
-    return out + [Family(thin, scheme, _plain(matrix)[0], layout, sp, frames, (1,), frames)
+    return out + [Family(thin, scheme, _plain(matrix)[0], layout, sp, (0, 21), (1, 1), (21, 0))
                   for sp in layouts if sp.kind == "consecutive" for scheme in flat]
 
 
