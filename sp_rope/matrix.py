@@ -170,6 +170,11 @@ def families(matrix: Matrix, world_size: int, seed: int, breadth: bool) -> list[
     return out
 
 
+def _float64(matrix: Matrix) -> str:
+    """Float64 where the matrix has it (FastVideo's tables; the tightest tolerance), else its first dtype."""
+    return "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
+
+
 def _plain(matrix: Matrix) -> tuple[str, str]:
     dtype = "float32" if "float32" in matrix.dtypes else matrix.dtypes[0]
     return dtype, "interleaved" if "interleaved" in matrix.layouts else matrix.layouts[0]
@@ -205,7 +210,7 @@ def large_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family
     config = GeometryConfig("b-720p", (21, 45, 80), 128, (44, 42, 42), 1.0e4, description="Wan 720p latent")
     schemes = [s for s in ("contiguous:t", "contiguous:w", "flat") if s in matrix.schemes]
     layout = _plain(matrix)[1]
-    dtype = "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
+    dtype = _float64(matrix)
     frames = (21,)
     out = [Family(config, scheme, dtype, layout, sp, frames, (2,), frames) for sp in layouts for scheme in schemes]
     # Past 2^17 tokens (Wan 1080p's latent: 171,360) with a thin head (28, Wan's split 12/8/8),
@@ -259,7 +264,7 @@ def far_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family]:
     """Small grids at far causal offsets (``FAR``), float64: a table built there in a narrower
     dtype, or from positions that wrapped, is off by far more than the tolerance."""
     schemes = [s for s in ("contiguous:t", "zigzag", "flat") if s in matrix.schemes]
-    dtype = "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
+    dtype = _float64(matrix)
     layout = _plain(matrix)[1]
     return [
         Family(config, scheme, dtype, layout, sp, (sf,), (2,), (sf,))
@@ -277,7 +282,7 @@ def deep_sweep(sp: SpLayout, matrix: Matrix) -> Family:
     local frame count is wrong from the second block on."""
     config = GeometryConfig("deep-sweep", (4, 2, 4), 12, (4, 4, 4), description="evicts a 32-entry cache")
     frames = tuple(range(0, 4 * DEEP_SWEEP_FRAMES, 4))
-    dtype = "float64" if "float64" in matrix.dtypes else matrix.dtypes[0]
+    dtype = _float64(matrix)
     layout = "interleaved" if "interleaved" in matrix.layouts else matrix.layouts[0]
     return Family(config, "contiguous:t", dtype, layout, sp, frames, tuple(1 for _ in frames), frames)
 

@@ -30,7 +30,7 @@ import torch
 from .cache import CacheMutationError, RopeSlice
 from .judge import content_digest
 from .oracle import oracle_table, tolerance
-from .providers import Provider, as_a_model_calls, on_device
+from .providers import Provider, as_a_model_calls, tables_on
 from .report import CaseResult
 from .sharding import ShardPlan, parse_plan
 from .spec import RopeSpec, default_rope_dim_list
@@ -209,9 +209,8 @@ def _wrong_form(inp: ProbeInput, sl: RopeSlice) -> str | None:
 
 def _misfit(inp: ProbeInput, sl: RopeSlice, device: str) -> bool:
     """Whether ``sl`` is on another device, or of another shape or dtype, than ``inp``'s table."""
-    on = on_device(sl.cos, inp.device or device) and on_device(sl.sin, inp.device or device)
     rows = len(inp.plan.indices(inp.spec.grid, inp.sp_rank, inp.sp_size))
-    return not on or sl.indices.numel() != rows or _wrong_form(inp, sl) is not None
+    return not tables_on(sl, inp.device or device) or sl.indices.numel() != rows or _wrong_form(inp, sl) is not None
 
 
 def wrong(inp: ProbeInput, sl: RopeSlice) -> str | None:
@@ -269,7 +268,7 @@ class _Probe:
             case.fail("implementation-error", f"{what}: {type(sl).__name__}: {str(sl).strip()[:200]}")
             return
         asked = inp.device or self.device
-        elsewhere = not (on_device(sl.cos, asked) and on_device(sl.sin, asked))
+        elsewhere = not tables_on(sl, asked)
         on_meta = META in (sl.cos.device.type, sl.sin.device.type)  # no values: device, shape, dtype
         earlier = inp
         if not on_meta:

@@ -50,9 +50,14 @@ class WrongDevice(Exception):
     """A table came back on another device than the call asked for."""
 
 
+def tables_on(sl: RopeSlice, device: str) -> bool:
+    """Whether both of ``sl``'s tables live where ``device`` asked."""
+    return on_device(sl.cos, device) and on_device(sl.sin, device)
+
+
 def require_device(sl: RopeSlice, device: str) -> RopeSlice:
     """``sl``, when its tables are on ``device``; else WrongDevice."""
-    if not (on_device(sl.cos, device) and on_device(sl.sin, device)):
+    if not tables_on(sl, device):
         raise WrongDevice(f"asked for {device}, got cos on {sl.cos.device}, sin on {sl.sin.device}")
     return sl
 

@@ -20,7 +20,8 @@ DIAGNOSES = {
     "slice-mismatch": "a rank's slice differs from the unsharded table, or the ranks' tokens do not partition the grid",
     "oracle-mismatch": "the unsharded table differs from the float64 formula beyond tolerance",
     "wrong-device": "a table came back on another device than the one asked for",
-    "key-collision": "two ranks of one SP group share a cache key, or one key maps to two tables",
+    "key-collision": "one cache key maps to two tables (shared by ranks of one SP group, or anywhere), "
+    "and one process replaying both calls hands the second the wrong table",
     "unstable-across-steps": "a repeated call (denoising step) returned a different table",
     "stale-after-eviction": "re-requesting a case after other start_frames returned a different table",
     "mutated-in-place": "a cached table was modified in place",
