@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .config import GeometryConfig, Matrix
 from .report import CaseResult
@@ -192,12 +192,20 @@ def ragged_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Famil
     schemes = [s for s in ("flat:pad", "flat:uneven") if s in matrix.schemes]
     dtype, layout = _plain(matrix)
     frames = (0, 3)
-    return [
+    out = [
         Family(config, scheme, dtype, layout, sp, frames, (2, 2), frames[::-1])
         for config in configs
         for sp in layouts
         for scheme in schemes
     ]
+    # Token sequences of 33 and 34 at one offset (a prompt and the next one): padded to the same
+    # length at P = 2 and 4, one right after the other, so a key on the padded length instead of
+    # the sequence's gives the second the first's rows (its last real one as padding).
+    if "flat:pad" in matrix.schemes:
+        widest = max(layouts, key=lambda sp: sp.size)
+        out += [Family(GeometryConfig(f"b-prompt-{n}", (n,), 16, (16,), 1.0e6, description=f"{n} tokens"),
+                       "flat:pad", dtype, layout, widest, (5,), (1,), (5,)) for n in (33, 34)]
+    return out
 
 
 def large_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family]:
@@ -215,11 +223,16 @@ def large_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family
     out = [Family(config, scheme, dtype, layout, sp, frames, (2,), frames) for sp in layouts for scheme in schemes]
     # Past 2^17 tokens (Wan 1080p's latent: 171,360) with a thin head (28, Wan's split 12/8/8),
     # so its tables stay small: an unsharded table that long is where code switches to building
-    # in chunks. Float32 and start_frame 0 too: the real-size latent the Wan convention can
-    # express, its unsharded table (37 MiB) past a size class of 16 or 32 MiB.
-    thin = GeometryConfig("b-1080p-thin", (21, 68, 120), 28, (12, 8, 8), 1.0e4, description="Wan 1080p latent")
+    # in chunks. Float32 and start_frame 0: the real-size latent the Wan convention can express,
+    # its unsharded table (37 MiB) past a size class of 16 or 32 MiB. At start_frame 21 with an
+    # NTK rescale on t and interpolated h and w (a longer, higher-resolution video than trained
+    # on): a path for long sequences must apply the factors as the short one does.
+    plain = GeometryConfig("b-1080p-thin", (21, 68, 120), 28, (12, 8, 8), 1.0e4, description="Wan 1080p latent")
+    scaled = replace(plain, name="b-1080p-scaled", theta_rescale_factor=(2.0, 1.0, 1.0),
+                     interpolation_factor=(1.0, 0.5, 0.5), description="Wan 1080p latent, NTK and interpolation")
     flat = [s for s in ("flat",) if s in matrix.schemes]
-    return out + [Family(thin, scheme, _plain(matrix)[0], layout, sp, (0, 21), (1, 1), (21, 0))
+    return out + [Family(config, scheme, _plain(matrix)[0], layout, sp, (sf,), (1,), (sf,))
+                  for config, sf in ((plain, 0), (scaled, 21))
                   for sp in layouts if sp.kind == "consecutive" for scheme in flat]
 
 
@@ -254,9 +267,14 @@ def _seeded_families(
 # Positions past every table precomputed up to a power of two (8k, 16k ... 128k positions) and
 # grown on demand: an LLM's decode position past 128k (1-D, a zigzag split as ring attention
 # uses) and a causal video stream past 16k frames.
+# Each also runs just below the spec's limit (positions up to 2**24): a position table grown on
+# demand but capped (at 2**15 frames, 2**18 positions, ...) is wrong only past its cap, wherever
+# between the first offset and the limit that lies.
 FAR = (
-    (GeometryConfig("b-far-1d", (96,), 32, (32,), 5.0e5, description="decode past 128k positions"), 131_077),
-    (GeometryConfig("b-far", (12, 4, 4), 24, (8, 8, 8), 1.0e4, description="a stream past 16k frames"), 16_387),
+    (GeometryConfig("b-far-1d", (96,), 32, (32,), 5.0e5, description="decode past 128k positions"),
+     (131_077, 2**24 - 96 - 9)),
+    (GeometryConfig("b-far", (12, 4, 4), 24, (8, 8, 8), 1.0e4, description="a stream past 16k frames"),
+     (16_387, 2**24 - 12 - 5)),
 )
 
 
@@ -267,8 +285,8 @@ def far_families(layouts: tuple[SpLayout, ...], matrix: Matrix) -> list[Family]:
     dtype = _float64(matrix)
     layout = _plain(matrix)[1]
     return [
-        Family(config, scheme, dtype, layout, sp, (sf,), (2,), (sf,))
-        for config, sf in FAR
+        Family(config, scheme, dtype, layout, sp, frames, tuple(2 for _ in frames), frames[::-1])
+        for config, frames in FAR
         for sp in layouts
         for scheme in schemes
     ]
@@ -311,10 +329,11 @@ def breadth_configs(rng: random.Random) -> tuple[GeometryConfig, ...]:
         # Equal dims and sizes on h and w, but not their factors: h's frequencies or positions
         # reused for w (an "equal axes" shortcut) are wrong.
         GeometryConfig("b-equal-hw", (3, 8, 8), 24, (8, 8, 8), 1.0e4, (1.0, 1.5, 2.0), (1.0, 0.5, 0.75)),
-        # Fewer axes: an image (2-D) and a token sequence (1-D, an LLM's theta and a linear
-        # context extension): code that lifts every grid to 3-D shifts the wrong axis.
+        # Fewer axes: an image (2-D) and a token sequence (1-D, an LLM's theta, an NTK rescale and a
+        # linear context extension): code that lifts every grid to 3-D shifts the wrong axis, and a
+        # separate 1-D path must apply the factors as the 3-D one does.
         GeometryConfig("b-2d", (12, 8), 32, (16, 16), 1.0e4, 1.0, (1.0, 0.5)),
-        GeometryConfig("b-1d", (96,), 32, (32,), 5.0e5, 1.0, 0.25),
+        GeometryConfig("b-1d", (96,), 32, (32,), 5.0e5, 4.0, 0.25),
         # An axis past the integers bfloat16 (256) and float16 (2048) hold exactly: positions
         # made in the latent's dtype repeat and skip there. Wan's split, factors 1: every
         # convention expresses it (the t axis meets such positions through start_frame). Over

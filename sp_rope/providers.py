@@ -16,7 +16,7 @@ two ranks share an entry. ``sp_size == 1`` asks for the unsharded table.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -32,12 +32,21 @@ SLICE_BUDGET = 80 * 1024**2  # sp_rope's own cache in the check: one 720p P = 2 
 NativeFn = Callable[[RopeSpec, ShardPlan, int, int, str], RopeSlice]
 
 
-def as_a_model_calls(device: str) -> contextlib.AbstractContextManager[object]:
+@contextlib.contextmanager
+def as_a_model_calls(device: str) -> Iterator[None]:
     """The context a bfloat16 model's forward calls its RoPE in: autocast to bfloat16 on the
-    device. Tables must not change under it (a matmul of positions and frequencies without an
-    autocast guard comes out in bfloat16); only the implementation's calls run in it, never the
+    device, and bfloat16 as torch's default dtype (as scripts that load a model in bfloat16 set
+    it). Tables must not change under it (a matmul of positions and frequencies without an
+    autocast guard comes out in bfloat16; positions made as ``arange(n) + offset`` and scaled
+    by a float take the default dtype); only the implementation's calls run in it, never the
     check's own judging."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def on_device(tensor: torch.Tensor, device: str) -> bool:

@@ -165,10 +165,14 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     assert any(not _exact_in(v, "bfloat16") for v in factors)
     # spatial positions past a small precomputed per-axis table
     assert max(max(c.grid[1:]) for c in configs if len(c.grid) == 3) >= 96
-    # every breadth geometry (T = 1 ones included) is asked for at a causal offset != 0
+    # every breadth geometry (T = 1 ones included) is asked for at a causal offset != 0 (Wan
+    # 1080p's at 0 only has a twin of its grid, with factors, at 21)
+    offsets = {f.config.grid: set() for f in fams}
+    for fam in fams:
+        offsets[fam.config.grid].update(fam.start_frames)
     for fam in fams:
         if fam.config.name.startswith("b-"):
-            assert any(sf != 0 for sf in fam.start_frames), fam.config.name
+            assert offsets[fam.config.grid] - {0}, fam.config.name
     # a block-causal stream split along t: start_frames 0, T, 2T, ... deeper than a 32-entry cache
     (deep,) = [f for f in fams if f.config.name == "deep-sweep"]
     t = deep.config.grid[0]
@@ -179,6 +183,14 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     assert any(f.plan.scheme == "zigzag" and f.plan.axis in (1, 2) and f.config.grid[0] > 1 for f in fams)
     # who gets a flat split's extra tokens: a remainder of 2 or more
     assert any(f.scheme == "flat:uneven" and math.prod(f.config.grid) % f.sp.size >= 2 for f in fams)
+    # two token sequences padded to one length, one right after the other at one offset: a key
+    # on the padded length gives the second the first's rows
+    pads = [f for f in fams if f.scheme == "flat:pad" and len(f.config.grid) == 1]
+    assert any(
+        a.config.grid != b.config.grid and -(-a.config.grid[0] // a.sp.size) == -(-b.config.grid[0] // b.sp.size)
+        and a.sp == b.sp and a.start_frames == b.start_frames
+        for a, b in zip(pads, pads[1:])
+    )
     # padding that reaches a rank before the last
     tokens = {f: math.prod(f.config.grid) for f in fams}
     assert any(f.scheme == "flat:pad" and tokens[f] < (f.sp.size - 1) * -(-tokens[f] // f.sp.size) for f in fams)
@@ -202,6 +214,17 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     far = [f for f in fams if f.dtype == "float64" and min(f.start_frames) > 2**14]
     assert any(len(f.config.grid) == 1 and min(f.start_frames) > 2**17 and f.plan.scheme == "zigzag" for f in far)
     assert any(len(f.config.grid) == 3 for f in far)
+    # and just below the spec's limit of 2^24 (a table grown on demand but capped anywhere
+    # above the first offsets), for a token sequence and a video stream alike
+    for axes in (1, 3):
+        assert any(len(f.config.grid) == axes and max(f.start_frames) + f.config.grid[0] > 2**24 - 2**10 for f in far)
+    # non-default factors on a token sequence (a separate 1-D path) and past 2^17 tokens (a path
+    # for long sequences): an NTK rescale and an interpolation, both != 1 there
+    def scaled(c):  # type: ignore[no-untyped-def]
+        return all(set(v if isinstance(v, tuple) else (v,)) != {1.0}
+                   for v in (c.theta_rescale_factor, c.interpolation_factor))
+    assert any(len(c.grid) == 1 and scaled(c) for c in configs)
+    assert any(tokens[f] > 2**17 and scaled(f.config) for f in fams)
 
 
 def test_the_far_offsets_catch_angles_made_in_float32_past_a_precomputed_table():
@@ -213,7 +236,7 @@ def test_the_far_offsets_catch_angles_made_in_float32_past_a_precomputed_table()
     from sp_rope.oracle import oracle_table, tolerance
     from sp_rope.tables import unravel
 
-    for config, start_frame in FAR:
+    for config, start_frame in ((config, sf) for config, frames in FAR for sf in frames):
         spec = config.spec("float64", "interleaved", start_frame)
         want_cos, _ = oracle_table(spec)
         frames = unravel(torch.arange(spec.num_tokens), spec.grid)[0] + start_frame

@@ -136,6 +136,16 @@ def test_ranks_that_reach_one_key_for_tables_one_process_tells_apart_pass():
     assert "0 failed" in result.out.strip().splitlines()[-1], result
 
 
+def test_positions_in_the_default_dtype_fail_as_a_bfloat16_model_calls_them():
+    # Right under torch's float32 default; every implementation call runs with bfloat16 as the
+    # default, as in a script that loads its model in bfloat16, and positions past 256 then
+    # repeat and skip (start_frame 4096 here).
+    impl = f"{FIXTURES}/default_dtype_positions.py"
+    result = check("--nproc", "2", "--impl", f"{impl}:rope", *SMALL, "--level", "table")
+    assert result.code == 1, result
+    assert "oracle-mismatch" in result.out, result
+
+
 def test_rank_that_hangs_ends_job_after_timeout_naming_it():
     marker = uuid.uuid4().hex
     result = check(

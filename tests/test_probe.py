@@ -24,7 +24,8 @@ from sp_rope.tables import build_table
 
 # Written out here, not taken from sp_rope.probe: a field the probe stops varying fails these tests.
 SWAPS = ["grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "grid[0] <-> grid[2]"]
-PAIRS = ["grid[0] + start_frame (same end frame)", "theta_rescale_factor <-> interpolation_factor"]
+PAIRS = ["grid[0] + start_frame (same end frame)", "theta_rescale_factor <-> interpolation_factor",
+         "theta x theta_rescale_factor (same product)"]
 DIM_MOVES = ["rope_dim_list[1] -> [0]", "rope_dim_list[1] -> [2]", "rope_dim_list[0] -> [2]"]
 NUDGES = ["theta (+0.1)", "theta_rescale_factor[0] (x(1+2^-10))", "interpolation_factor[0] (x(1+2^-10))"]
 FINE = ["theta (x(1+2^-30))", "theta_rescale_factor[0] (x(1+2^-30))", "interpolation_factor[0] (x(1+2^-22))"]
@@ -223,6 +224,11 @@ NEAR_MISS_KEYS = {
         lambda s, p, r, n: (functools.reduce(operator.xor, map(hash, (
             s.grid, s.rope_dim_list, s.theta, s.theta_rescale_factor, s.interpolation_factor))), *_rest(s, p, r, n)),
         {PAIRS[1]},
+    ),
+    "theta times the rescale (the NTK base), per axis": (
+        lambda s, p, r, n: (s.grid, s.rope_dim_list, tuple(s.theta * v for v in s.theta_rescale_factor),
+                            s.interpolation_factor, *_rest(s, p, r, n)),
+        {PAIRS[2]},
     ),
     "the product of h and w": (
         lambda s, p, r, n: (s.grid[0], s.grid[1] * s.grid[2], s.rope_dim_list, s.theta, s.theta_rescale_factor,
@@ -589,3 +595,15 @@ def test_tables_made_with_an_unguarded_matmul_fail_when_called_as_a_bfloat16_mod
 
     failures = _failures(probe_keys(NativeProvider(rope, "matmul"), "cpu"))
     assert failures.get("dtype") == ["oracle-mismatch"] and "base" not in failures, failures
+
+
+def test_implementation_calls_run_under_a_bfloat16_default_dtype_which_is_then_restored():
+    from sp_rope.providers import as_a_model_calls
+
+    with as_a_model_calls("cpu"):
+        assert torch.get_default_dtype() == torch.bfloat16
+        assert (torch.arange(3) * 1.0).dtype == torch.bfloat16
+    assert torch.get_default_dtype() == torch.float32
+    with pytest.raises(ValueError), as_a_model_calls("cpu"):
+        raise ValueError("the implementation failed")
+    assert torch.get_default_dtype() == torch.float32
