@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -274,19 +275,28 @@ def fig_verdict(s: Settings) -> list[Row]:
 
 # --- 7. real model presets: time, memory, growth ---------------------------------------------------
 
-# Runs one command and prints its wall seconds and the peak RSS of its largest process (ranks are
-# waited for by the launcher, so their peaks reach RUSAGE_CHILDREN), all in a fresh interpreter.
+# Runs one command and prints its wall seconds, the CPU seconds (user + system) of all its
+# processes, and the peak RSS of its largest one (ranks are waited for by the launcher, so their
+# usage reaches RUSAGE_CHILDREN), all in a fresh interpreter.
 _MEASURE = (
     "import resource, subprocess, sys, time; t = time.perf_counter(); "
     "code = subprocess.run(sys.argv[1:], capture_output=True).returncode; "
-    "print(code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print(code, time.perf_counter() - t, u.ru_utime + u.ru_stime, u.ru_maxrss)"
 )
 
 
-def _measure(cmd: list[str]) -> tuple[int, float, float]:
+class Measured(NamedTuple):
+    code: int
+    seconds: float  # wall
+    cpu_s: float  # user + system, all processes of the job
+    peak_mib: float  # the largest process
+
+
+def _measure(cmd: list[str]) -> Measured:
     out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], cwd=ROOT, capture_output=True, text=True)
-    code, seconds, kib = out.stdout.split()
-    return int(code), float(seconds), int(kib) / 1024
+    code, seconds, cpu_s, kib = out.stdout.split()
+    return Measured(int(code), float(seconds), float(cpu_s), int(kib) / 1024)
 
 
 def _table_level(*presets: str, narrow: bool = False) -> list[str]:
@@ -300,11 +310,11 @@ def fig_presets(s: Settings) -> list[Row]:
     """Real model geometries at the table level against the bare job, measured side by side;
     peak RSS of the largest process against a bare rank plus twice the largest cos+sin pair a
     rank holds (the unsharded float64 table: the reference every slice is compared with)."""
-    bare_code, bare_s, bare_mib = _measure(BARE)
+    bare_code, bare_s, _, bare_mib = _measure(BARE)
     rows = []
     uncached = ["--impl", f"{Path(__file__).with_name('uncached_rope.py')}:rope"]
     for preset, target in (("wan2.1-t2v-1.3b-480p", 5.0), ("wan2.1-t2v-14b-720p", 10.0)):
-        code, seconds, mib = _measure(_table_level(preset))
+        code, seconds, _, mib = _measure(_table_level(preset))
         grid = {"wan2.1-t2v-1.3b-480p": 21 * 30 * 52, "wan2.1-t2v-14b-720p": 21 * 45 * 80}[preset]
         pair_mib = 2 * grid * 128 * 8 / 2**20
         rows.append(Row("7", f"{preset} --level table / bare 4-rank gloo job", seconds / bare_s, target, "<=",
@@ -313,29 +323,56 @@ def fig_presets(s: Settings) -> list[Row]:
                         2.0, "<=", f"peak {mib:.0f} MiB, bare rank {bare_mib:.0f} MiB, pair {pair_mib:.0f} MiB; "
                         "sp_rope's cache holds up to 80 MiB of slices (two 480p P=2 slices, one 720p P=2 slice)"))
         # The check's own memory: the same run against an implementation that keeps nothing.
-        code, seconds, mib = _measure([*_table_level(preset), *uncached])
+        code, seconds, _, mib = _measure([*_table_level(preset), *uncached])
         rows.append(Row("7", f"{preset}, uncached implementation: (peak RSS - bare rank) / largest pair",
                         (mib - bare_mib) / pair_mib, 2.0, "<=",
                         f"peak {mib:.0f} MiB, {seconds:.1f} s, exit {code}"))
-    # Growth with the number of presets: k copies of one preset under other names (a preset named
-    # twice counts once) and thetas (equal tables would be built and judged once), each narrowed
-    # the same way, so every preset adds the same work.
-    with tempfile.TemporaryDirectory() as tmp:
-        source = (ROOT / "configs" / "wan2.1-t2v-1.3b-480p.toml").read_text()
-        copies = []
-        for i in range(4):
-            path = Path(tmp) / f"copy{i}.toml"
-            text = re.sub(r'(?m)^name = ".*"$', f'name = "copy{i}"', source)
-            path.write_text(re.sub(r"(?m)^theta = .*$", f"theta = {10000.0 + i}", text))
-            copies.append(str(path))
-        times = {n: _measure(_table_level(*copies[:n], narrow=True))[1] for n in (1, 2, 4)}
-    slopes = (times[2] - times[1], (times[4] - times[2]) / 2)
-    rows.append(Row("7", "growth: seconds per added preset, from 1 to 2 and from 2 to 4 presets, max / min",
-                    max(slopes) / min(slopes), 1.5, "<=",
-                    ", ".join(f"{n} presets: {t:.1f} s" for n, t in times.items()), None,
-                    {f"{n}": t * 1e3 for n, t in times.items()}))
     assert bare_code == 0
     return rows
+
+
+# --- 8. growth with the number of presets ---------------------------------------------------------
+
+
+def _growth_copies(tmp: str, count: int) -> list[str]:
+    """``count`` copies of the 480p preset under other names (a preset named twice counts once)
+    and thetas (equal tables would be built and judged once), so every copy adds the same work."""
+    source = (ROOT / "configs" / "wan2.1-t2v-1.3b-480p.toml").read_text()
+    copies = []
+    for i in range(count):
+        path = Path(tmp) / f"copy{i}.toml"
+        text = re.sub(r'(?m)^name = ".*"$', f'name = "copy{i}"', source)
+        path.write_text(re.sub(r"(?m)^theta = .*$", f"theta = {10000.0 + i}", text))
+        copies.append(str(path))
+    return copies
+
+
+def fig_growth(s: Settings) -> list[Row]:
+    """The work at 1, 2 and 4 presets: the CPU seconds of all the job's processes, each point the
+    median of ``verdict_runs`` runs taken in turn (1, 2, 4, then 4, 2, 1, ...). The figure is the
+    CPU seconds per added preset from 2 to 4 over those from 1 to 2: above 1 the job grows faster
+    than linearly (per-case costs that rise with the cases already run), below 1 slower.
+
+    CPU, not wall: on a machine with fewer cores than ranks the wall time also depends on how the
+    ranks' work overlaps (a rank's fixed share, such as the eviction sweep, hides other ranks'
+    work until they outgrow it), and on other load; the wall curve is reported beside it."""
+    counts = (1, 2, 4)
+    runs: dict[int, list[Measured]] = {n: [] for n in counts}
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = _growth_copies(tmp, max(counts))
+        for turn in range(s.verdict_runs):
+            for n in counts if turn % 2 == 0 else counts[::-1]:
+                got = _measure(_table_level(*copies[:n], narrow=True))
+                assert got.code == 0, f"{n} presets: exit {got.code}"
+                runs[n].append(got)
+    cpu = {n: statistics.median(m.cpu_s for m in ms) for n, ms in runs.items()}
+    wall = {n: statistics.median(m.seconds for m in ms) for n, ms in runs.items()}
+    first, later = cpu[2] - cpu[1], (cpu[4] - cpu[2]) / 2
+    return [Row("8", "growth: CPU seconds per added preset from 2 to 4 presets / from 1 to 2", later / first, 1.5, "<=",
+                f"medians of {s.verdict_runs}, CPU (wall): "
+                + ", ".join(f"{n} presets: {cpu[n]:.1f} s ({wall[n]:.1f} s)" for n in counts)
+                + f"; +{first:.2f} s CPU for the 2nd preset, +{later:.2f} s each for the 3rd and 4th", None,
+                {**{f"cpu {n}": cpu[n] * 1e3 for n in counts}, **{f"wall {n}": wall[n] * 1e3 for n in counts}})]
 
 
 # --- 6. GPU ---------------------------------------------------------------------------------------
@@ -462,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="3+ rounds per race (1 s), 20k hits, 300 start_frames, 1 verdict run: < 60 s on 2 cores")
     p.add_argument("--json", default=None, help="also write the rows and the machine here")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    p.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated figure numbers")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated figure numbers")
     p.add_argument("--budget", type=int, default=DEFAULT_MAX_BYTES, help="figure 4 byte budget (default: the cache's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -470,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     s = QUICK if a.quick else FULL
     local: dict[str, Callable[[Settings], list[Row]]] = {
         "1": fig_build, "2": fig_rank, "3": fig_cache_hit, "4": partial(fig_memory, budget=a.budget),
-        "5": fig_verdict, "6": fig_gpu, "7": fig_presets,
+        "5": fig_verdict, "6": fig_gpu, "7": fig_presets, "8": fig_growth,
     }
     if a.child:  # figures in this process; their rows as JSON on the last line
         rows = [r for key in a.child.split(",") for r in local[key](s)]
@@ -486,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Callable[[], list[Row]]] = {
         builds: partial(regime_rows, builds, child_argv), "3": partial(fig_cache_hit, s),
         "4": partial(in_child, "4", child_argv), "5": partial(fig_verdict, s), "6": partial(fig_gpu, s),
-        "7": partial(fig_presets, s),
+        "7": partial(fig_presets, s), "8": partial(fig_growth, s),
     }
     info = machine(a.threads)
     print(f"sp_rope benchmarks ({'quick' if a.quick else 'full'}: {s}): {info['cpu']}, {info['cpus']} CPUs, "
