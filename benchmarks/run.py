@@ -353,9 +353,12 @@ def fig_growth(s: Settings) -> list[Row]:
     CPU seconds per added preset from 2 to 4 over those from 1 to 2: above 1 the job grows faster
     than linearly (per-case costs that rise with the cases already run), below 1 slower.
 
-    CPU, not wall: on a machine with fewer cores than ranks the wall time also depends on how the
-    ranks' work overlaps (a rank's fixed share, such as the eviction sweep, hides other ranks'
-    work until they outgrow it), and on other load; the wall curve is reported beside it."""
+    CPU, with the wall curve beside it: on a machine with fewer cores than ranks the wall time also
+    depends on how the ranks' work overlaps (a rank's fixed share, such as the eviction sweep,
+    hides other ranks' work until they outgrow it). CPU is no clean measure of work either:
+    ranks waiting in a collective burn CPU too (on 2 cores with 4 ranks it tracks 2 x wall). A
+    narrowed preset adds 1-3 s, about the run-to-run noise; resolving the slope needs more work
+    per added preset (round 8 in RESULTS.md)."""
     counts = (1, 2, 4)
     runs: dict[int, list[Measured]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory() as tmp:
