@@ -544,6 +544,11 @@ HOT_CALLS = 512  # calls per input: five 50-step denoising runs with CFG (100 ca
 HOT_BASE_REPEAT = 8
 
 
+def _hot_total(calls: int, repeat: int) -> int:
+    """All calls of an input asked once in the first step and ``repeat`` times in each later one."""
+    return 1 + (calls - 1) * repeat
+
+
 def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> CaseResult:
     """Inputs of one shape (the base, theta + 1, and the base in another layout and dtype, where
     the implementation can express them) asked for in turn, ``calls`` times each, as long
@@ -552,8 +557,8 @@ def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> C
     every layout and dtype such a rewrite can get wrong. Every call must return the table its
     input's first call got (``unstable-across-steps``), and those first tables, held to the end,
     must not change (``overwritten-after-return``)."""
-    base_calls = (calls - 1) * HOT_BASE_REPEAT + 1
-    case, probe = _one_case(provider, device, f"hot keys ({calls} calls each, the base {base_calls})")
+    case, probe = _one_case(
+        provider, device, f"hot keys ({calls} calls each, the base {_hot_total(calls, HOT_BASE_REPEAT)})")
     if probe is None:
         return case
     base = probe.base.input
@@ -567,22 +572,22 @@ def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> C
     }
     inputs = {name: inp for name, inp in candidates.items() if provider.skip_reason(inp.spec, inp.plan) is None}
     held = Held(case, window=len(inputs) * calls)
-    repeats = {name: HOT_BASE_REPEAT if name == "the base input" else 1 for name in inputs}
+    repeats = {name: HOT_BASE_REPEAT if inp == base else 1 for name, inp in inputs.items()}
     asked = dict.fromkeys(inputs, 0)
-    for step in range(calls):
-        for which, (name, inp) in enumerate(inputs.items()):
-            for _ in range(repeats[name] if step else 1):
-                sl = probe.get(inp)
-                asked[name] += 1
-                what = f"call {asked[name]} of {(calls - 1) * repeats[name] + 1} for {name}"
-                if isinstance(sl, Exception) or step == 0:
-                    probe.judge(case, inp, what, sl)
-                if isinstance(sl, Exception) or case.diagnoses:
-                    return case
-                if step == 0:
-                    held.keep(name, sl)
-                elif not held.same(which, sl):
-                    case.fail("unstable-across-steps", f"{what} returned another table than its first call")
-                    return case
+    turns = ((step, which, name, inp) for step in range(calls) for which, (name, inp) in enumerate(inputs.items())
+             for _ in range(repeats[name] if step else 1))
+    for step, which, name, inp in turns:
+        sl = probe.get(inp)
+        asked[name] += 1
+        what = f"call {asked[name]} of {_hot_total(calls, repeats[name])} for {name}"
+        if isinstance(sl, Exception) or step == 0:
+            probe.judge(case, inp, what, sl)
+        if isinstance(sl, Exception) or case.diagnoses:
+            return case
+        if step == 0:
+            held.keep(name, sl)
+        elif not held.same(which, sl):
+            case.fail("unstable-across-steps", f"{what} returned another table than its first call")
+            return case
     held.release_all()
     return case

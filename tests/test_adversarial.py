@@ -148,6 +148,11 @@ def _exact_in(value: float, dtype: str) -> bool:
     return float(torch.tensor(value, dtype=torch.float64).to(getattr(torch, dtype)).double()) == value
 
 
+def _values(factor: float | tuple[float, ...]) -> tuple[float, ...]:
+    """A config's factor as per-axis values (a scalar is one value for every axis)."""
+    return factor if isinstance(factor, tuple) else (factor,)
+
+
 @pytest.mark.parametrize("seed", [1, 7, 12, 20, 90])
 def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     """What the default run must always contain, whatever the seed (each point is a class of
@@ -159,7 +164,7 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     fams = families(settings.matrix, 4, seed, breadth=settings.breadth)
     configs = {f.config for f in fams}
     factors = [v for c in configs for name in ("theta_rescale_factor", "interpolation_factor")
-               for v in (getattr(c, name) if isinstance(getattr(c, name), tuple) else (getattr(c, name),))]
+               for v in _values(getattr(c, name))]
     # theta and factors a float32 or bfloat16 buffer, or a key that rounds them, would change
     assert any(not _exact_in(c.theta, "float32") for c in configs)
     assert any(not _exact_in(v, "bfloat16") for v in factors)
@@ -221,8 +226,7 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
     # non-default factors on a token sequence (a separate 1-D path) and past 2^17 tokens (a path
     # for long sequences): an NTK rescale and an interpolation, both != 1 there
     def scaled(c):  # type: ignore[no-untyped-def]
-        return all(set(v if isinstance(v, tuple) else (v,)) != {1.0}
-                   for v in (c.theta_rescale_factor, c.interpolation_factor))
+        return all(set(_values(v)) != {1.0} for v in (c.theta_rescale_factor, c.interpolation_factor))
     assert any(len(c.grid) == 1 and scaled(c) for c in configs)
     assert any(tokens[f] > 2**17 and scaled(f.config) for f in fams)
 
