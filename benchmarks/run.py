@@ -348,34 +348,37 @@ def _growth_copies(tmp: str, count: int) -> list[str]:
 
 
 def fig_growth(s: Settings) -> list[Row]:
-    """The work at 1, 2 and 4 presets: the CPU seconds of all the job's processes, each point the
-    median of ``verdict_runs`` runs taken in turn (1, 2, 4, then 4, 2, 1, ...). The figure is the
-    CPU seconds per added preset from 2 to 4 over those from 1 to 2: above 1 the job grows faster
-    than linearly (per-case costs that rise with the cases already run), below 1 slower.
+    """The work at 1, 2 and 4 presets, each point the median of ``verdict_runs`` runs taken in turn
+    (1, 2, 4, then 4, 2, 1, ...). The work is the CPU seconds of the ranks' case stages, summed over
+    the ranks, as each rank measures them (``summary.rank_cpu_s`` in the JSON report: build,
+    judge and levels; not startup, the probe or the exchange, which do not grow with the cases).
+    The figure is that work per added preset from 2 to 4 over that from 1 to 2: above 1 the job
+    grows faster than linearly (per-case costs that rise with the cases already run).
 
-    CPU, with the wall curve beside it: on a machine with fewer cores than ranks the wall time also
-    depends on how the ranks' work overlaps (a rank's fixed share, such as the eviction sweep,
-    hides other ranks' work until they outgrow it). CPU is no clean measure of work either:
-    ranks waiting in a collective burn CPU too (on 2 cores with 4 ranks it tracks 2 x wall). A
-    narrowed preset adds 1-3 s, about the run-to-run noise; resolving the slope needs more work
-    per added preset (round 8 in RESULTS.md)."""
+    The whole job's CPU and wall seconds are beside it. Neither resolves the slope by itself: a
+    narrowed preset adds 1-3 s of either, about the run-to-run noise, and on 2 cores with 4 ranks
+    waiting ranks also burn CPU (round 8 in RESULTS.md)."""
     counts = (1, 2, 4)
-    runs: dict[int, list[Measured]] = {n: [] for n in counts}
+    runs: dict[int, list[tuple[float, Measured]]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory() as tmp:
-        copies = _growth_copies(tmp, max(counts))
+        copies, report = _growth_copies(tmp, max(counts)), Path(tmp) / "report.json"
         for turn in range(s.verdict_runs):
             for n in counts if turn % 2 == 0 else counts[::-1]:
-                got = _measure(_table_level(*copies[:n], narrow=True))
+                got = _measure([*_table_level(*copies[:n], narrow=True), "--report", str(report)])
                 assert got.code == 0, f"{n} presets: exit {got.code}"
-                runs[n].append(got)
-    cpu = {n: statistics.median(m.cpu_s for m in ms) for n, ms in runs.items()}
-    wall = {n: statistics.median(m.seconds for m in ms) for n, ms in runs.items()}
-    first, later = cpu[2] - cpu[1], (cpu[4] - cpu[2]) / 2
-    return [Row("8", "growth: CPU seconds per added preset from 2 to 4 presets / from 1 to 2", later / first, 1.5, "<=",
-                f"medians of {s.verdict_runs}, CPU (wall): "
-                + ", ".join(f"{n} presets: {cpu[n]:.1f} s ({wall[n]:.1f} s)" for n in counts)
-                + f"; +{first:.2f} s CPU for the 2nd preset, +{later:.2f} s each for the 3rd and 4th", None,
-                {**{f"cpu {n}": cpu[n] * 1e3 for n in counts}, **{f"wall {n}": wall[n] * 1e3 for n in counts}})]
+                work = sum(json.loads(report.read_text())["summary"]["rank_cpu_s"])
+                runs[n].append((work, got))
+    work = {n: statistics.median(w for w, _ in ms) for n, ms in runs.items()}
+    cpu = {n: statistics.median(m.cpu_s for _, m in ms) for n, ms in runs.items()}
+    wall = {n: statistics.median(m.seconds for _, m in ms) for n, ms in runs.items()}
+    first, later = work[2] - work[1], (work[4] - work[2]) / 2
+    return [Row("8", "growth: the ranks' case work per added preset from 2 to 4 presets / from 1 to 2",
+                later / first, 1.5, "<=",
+                f"medians of {s.verdict_runs}, case work (whole job's CPU, wall): "
+                + ", ".join(f"{n} presets: {work[n]:.1f} s ({cpu[n]:.1f} s, {wall[n]:.1f} s)" for n in counts)
+                + f"; +{first:.2f} s of work for the 2nd preset, +{later:.2f} s each for the 3rd and 4th", None,
+                {**{f"work {n}": work[n] * 1e3 for n in counts}, **{f"cpu {n}": cpu[n] * 1e3 for n in counts},
+                 **{f"wall {n}": wall[n] * 1e3 for n in counts}})]
 
 
 # --- 6. GPU ---------------------------------------------------------------------------------------

@@ -30,11 +30,12 @@ class RankReport:
     findings: dict[int, list[tuple[str, str, float]]] = field(default_factory=dict)
     judged: list[int] = field(default_factory=list)  # cases whose first-call slice this rank judged
     records: list[KeyRecord] = field(default_factory=list)
-    ref_digests: dict[int, tuple[object, ...]] = field(default_factory=dict)  # spec number -> digest
+    ref_digests: dict[int, str] = field(default_factory=dict)  # spec number -> its row digests, digested
     spec_cases: dict[int, list[int]] = field(default_factory=dict)  # spec number -> its cases
     off_plan: dict[int, tuple[int, int, torch.Tensor]] = field(default_factory=dict)  # case -> group, sp_rank, claims
     levels: dict[int, str] = field(default_factory=dict)  # highest level judged per case
     probes: list[CaseResult] = field(default_factory=list)
+    cpu_s: float = 0.0  # CPU seconds of the case stages (Report.rank_cpu_s)
 
 
 # Whether one process, asked for the first call's input and then the other's, gives the other
@@ -53,6 +54,7 @@ def collect(job: Job, mine: RankReport, cases: list[Case], report: Report, repla
     with phase("merge results"):
         merge(gathered, cases, replay)
     report.cases = [case.result for case in cases] + [p for r in gathered for p in r.probes]
+    report.rank_cpu_s = [round(r.cpu_s, 3) for r in gathered]
     return report
 
 
@@ -116,7 +118,7 @@ def _references_agree(reports: list[RankReport], cases: list[Case]) -> None:
     """Every rank's unsharded table for a spec must be the same table (slices were compared with
     each rank's own; the oracle judged one of them)."""
     spec_cases = reports[0].spec_cases
-    by_spec: dict[int, dict[tuple[object, ...], int]] = {}
+    by_spec: dict[int, dict[str, int]] = {}
     for r in reports:
         for spec, digest in r.ref_digests.items():
             by_spec.setdefault(spec, {}).setdefault(digest, r.rank)

@@ -2,7 +2,8 @@
 
 Each rank judges its own slices where they are, so what crosses the wire is findings, not tables:
 
-- ``judge_slice``: the rank's rows vs the implementation's unsharded table, bit for bit, at the
+- ``judge_slice``: the rank's rows vs the implementation's unsharded table, row by row through
+  ``ReferenceRows`` (per-row digests: a rank never holds the table and a slice at once), at the
   tokens the rank claims; the claimed tokens must be the plan's (``plan-mismatch``); padding rows
   are the identity;
 - ``compare_oracle``: the unsharded table vs the independent float64 formula, within a per-dtype
@@ -19,6 +20,7 @@ import functools
 import hashlib
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +43,7 @@ SMALL_DIGEST_BYTES = 64 * 1024
 def content_digest(*tensors: torch.Tensor) -> tuple[object, ...]:
     """A content digest per tensor: dtype, shape, and a fingerprint of the raw bytes.
 
-    Used to see whether a table changed (across steps, after return, between ranks): a 128-bit
+    Used to see whether a table changed (across steps, after return): a 128-bit
     BLAKE2b of the bytes up to 64 KiB; larger, of the wrapping sums of the raw machine words in
     each of 4099 interleaved columns (word i in column i mod 4099) — one reduction pass, several
     times cheaper than hashing every byte, and any change that leaves one changed word in some
@@ -79,7 +81,7 @@ def token_name(index: int, grid: tuple[int, ...]) -> str:
     return "(" + ", ".join(f"{AXIS_NAMES[a]}={c}" for a, c in enumerate(coords)) + ")"
 
 
-ORACLE_ROWS = 4096  # rows of the formula evaluated at once: its float64 temporaries stay small
+ORACLE_ROWS = 1024  # rows of the formula evaluated at once: its float64 temporaries stay a few MiB
 
 
 def compare_oracle(case: CaseResult, spec: RopeSpec, reference: RopeSlice) -> None:
@@ -196,7 +198,7 @@ class RankSlice:
     table: RopeSlice
 
 
-def judge_slice(case: CaseResult, spec: RopeSpec, got: RankSlice, reference: RopeSlice) -> torch.Tensor | None:
+def judge_slice(case: CaseResult, spec: RopeSpec, got: RankSlice, reference: ReferenceRows) -> torch.Tensor | None:
     """Judge one rank's slice where it was built. Returns the claimed tokens when they are not the
     plan's (rank 0 then checks the group's claims still partition the grid), else None."""
     sl, plan, where = got.table, got.plan, f"rank {got.rank} ({got.plan}, P={case.sp_size})"
@@ -207,14 +209,13 @@ def judge_slice(case: CaseResult, spec: RopeSpec, got: RankSlice, reference: Rop
         case.fail("slice-mismatch", f"{where} returned token indices of dtype {sl.indices.dtype}, not integers")
         return None
     claimed = sl.indices.to("cpu", torch.int64).reshape(-1)
-    ref_cos, ref_sin = reference.cos.cpu(), reference.sin.cpu()
     cos, sin = sl.cos.detach().cpu(), sl.sin.detach().cpu()
-    want_shape = (len(claimed), ref_cos.shape[1])
-    if cos.shape != want_shape or sin.shape != want_shape or cos.dtype != ref_cos.dtype or sin.dtype != ref_cos.dtype:
+    want_shape = (len(claimed), reference.width)
+    if {cos.shape, sin.shape} != {want_shape} or {cos.dtype, sin.dtype} != {reference.dtype}:
         case.fail(
             "slice-mismatch",
             f"{where} returned cos {tuple(cos.shape)} {cos.dtype} for {len(claimed)} tokens, "
-            f"expected {want_shape} {ref_cos.dtype}",
+            f"expected {want_shape} {reference.dtype}",
         )
         return None
     own = plan_tokens(plan, spec.grid, got.sp_rank, case.sp_size)
@@ -232,10 +233,69 @@ def judge_slice(case: CaseResult, spec: RopeSpec, got: RankSlice, reference: Rop
             f"claimed {_token_or_pad(claimed, at, spec.grid)}, plan {_token_or_pad(own, at, spec.grid)}",
         )
         off_plan = claimed
-    run = _plan_run(plan, spec.grid, got.sp_rank, case.sp_size) if on_plan else _run_of(claimed)
-    for name, table, ref in (("cos", cos, ref_cos), ("sin", sin, ref_sin)):
-        _compare_rows(case, RowsUnderJudgement(where, name, table, claimed, run, spec.grid), ref)
+    table = functools.cache(reference.rebuild)  # at most once per slice, and only for a mismatch
+    for name, rows in (("cos", cos), ("sin", sin)):
+        _compare_rows(case, RowsUnderJudgement(where, name, rows, claimed, spec.grid), reference, table)
     return off_plan
+
+
+# --- row digests -------------------------------------------------------------------------------
+
+ROW_DIGEST_PRIME = 65_537  # above every 16-bit word: distinct words stay distinct modulo it
+ROW_DIGEST_WIDTH = 4  # independent hashes per row: two different rows agree in all with p**-4 < 2**-64
+ROW_BLOCK = 1024  # rows widened to float64 words at once: a few MiB, never a table's worth
+
+
+@functools.lru_cache(maxsize=64)
+def _row_coefficients(words: int, seed: int) -> torch.Tensor:
+    """Uniform coefficients modulo the prime, one column per hash, drawn from the run's seed."""
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(0, ROW_DIGEST_PRIME, (words, ROW_DIGEST_WIDTH), generator=generator)
+    return drawn.to(torch.float64)
+
+
+def row_digests(table: torch.Tensor, seed: int) -> torch.Tensor:
+    """``[rows, ROW_DIGEST_WIDTH]`` int32: per row, ``sum_i a_i * w_i mod p`` for the row's signed
+    16-bit words ``w_i`` and the seed's uniform coefficients ``a_i`` (a Carter-Wegman hash: two
+    rows that differ in any word agree with probability ``1/p`` per column, whatever the rows).
+
+    The sums are integers below ``2**53`` (words < 2**15, coefficients < 2**17, at most 2**20
+    words a row), so a float64 matrix product computes them exactly, in any summation order.
+    -0.0 is read as 0.0 (``x + 0.0``), as an equality test would."""
+    rows = table.detach().cpu()  # [rows, width]: shapes are judged before digests
+    words = rows.shape[1] * rows.element_size() // 2
+    if words > 2**20:
+        raise ValueError(f"rows of {words} 16-bit words are too wide for exact row digests")
+    coefficients = _row_coefficients(words, seed)
+    out = torch.empty(rows.shape[0], ROW_DIGEST_WIDTH, dtype=torch.float64)
+    for start in range(0, rows.shape[0], ROW_BLOCK):
+        block = (rows[start : start + ROW_BLOCK] + 0.0).view(torch.int16)
+        torch.mm(block.to(torch.float64), coefficients, out=out[start : start + ROW_BLOCK])
+    return out.remainder_(ROW_DIGEST_PRIME).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class ReferenceRows:
+    """The implementation's unsharded table as per-row digests: what every slice is judged
+    against, 16 bytes a row, so a rank never holds the table and a slice at once. ``rebuild``
+    asks the implementation for the table again: only to report a mismatch's error."""
+
+    cos: torch.Tensor  # [tokens, ROW_DIGEST_WIDTH]
+    sin: torch.Tensor
+    dtype: torch.dtype
+    width: int
+    seed: int
+    rebuild: Callable[[], RopeSlice]
+
+    @classmethod
+    def of(cls, table: RopeSlice, seed: int, rebuild: Callable[[], RopeSlice]) -> ReferenceRows:
+        cos, sin = row_digests(table.cos, seed), row_digests(table.sin, seed)
+        return cls(cos, sin, table.cos.dtype, table.cos.shape[1], seed, rebuild)
+
+    def fingerprint(self) -> str:
+        """One digest of all rows: the ranks compare theirs (every rank's table must be the same)."""
+        both = torch.cat([self.cos, self.sin]).contiguous()
+        return hashlib.blake2b(ctypes.string_at(both.data_ptr(), both.numel() * 4), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -246,80 +306,48 @@ class RowsUnderJudgement:
     name: str
     table: torch.Tensor
     claimed: torch.Tensor
-    run: slice | None  # the claimed tokens as one run of the grid (no padding), else None
     grid: tuple[int, ...]
 
 
-JUDGE_ROWS = 4096  # rows gathered from the unsharded table at once: a few MiB, never a slice's worth
+JUDGE_ROWS = 4096  # rows of a rebuilt table compared at once when a mismatch is reported
 
 
-def _compare_rows(case: CaseResult, rows: RowsUnderJudgement, ref: torch.Tensor) -> None:
-    """Bit-exact comparison with the unsharded table, plus the identity on padding rows.
-
-    A slice that is one run of tokens (contiguous and flat splits) is compared with a view of
-    the table; any other is compared a block of rows at a time, each block's reference rows
-    gathered into one reused buffer, so judging never holds a second copy of the slice."""
-    table, claimed = rows.table, rows.claimed
-    if rows.run is not None:  # the common case, in one pass; NaN never equals
-        if not torch.equal(table, ref[rows.run]):
-            _report_mismatch(case, rows, ref, 0)
-        return
-    buf = torch.empty(min(JUDGE_ROWS, len(claimed)), ref.shape[1], dtype=ref.dtype)
-    for start in range(0, len(claimed), JUDGE_ROWS):
-        tokens, got = claimed[start : start + JUDGE_ROWS], table[start : start + JUDGE_ROWS]
-        real = tokens >= 0
-        if bool(real.all()):
-            same = torch.equal(got, torch.index_select(ref, 0, tokens, out=buf[: len(tokens)]))
-        else:
-            same = torch.equal(got[real], ref.index_select(0, tokens[real]))
-        if not same:
-            _report_mismatch(case, rows, ref, start)
-            break
-    pad = claimed < 0
+def _compare_rows(
+    case: CaseResult, rows: RowsUnderJudgement, reference: ReferenceRows, table: Callable[[], RopeSlice]
+) -> None:
+    """Each real row's digest against the unsharded table's at its token, plus the identity on
+    padding rows. Only a mismatch asks for the table itself (``table``), for the error's size."""
+    claimed = rows.claimed
+    real = claimed >= 0
+    want = getattr(reference, rows.name).index_select(0, claimed.clamp(min=0))
+    bad = (row_digests(rows.table, reference.seed) != want).any(dim=1) & real
+    if bool(bad.any()):
+        _report_mismatch(case, rows, int(bad.nonzero()[0]), table)
+    pad = ~real
     identity = 1.0 if rows.name == "cos" else 0.0
-    if bool(pad.any()) and not bool((table[pad] == identity).all()):
+    if bool(pad.any()) and not bool((rows.table[pad] == identity).all()):
         case.fail("slice-mismatch", f"{rows.where} padding rows of {rows.name} are not {identity}")
 
 
-def _report_mismatch(case: CaseResult, rows: RowsUnderJudgement, ref: torch.Tensor, start: int) -> None:
-    """The first real row from ``start`` on that differs, and the largest error over all real
-    rows from there (the failure path: blocks of rows again, no whole-slice copies)."""
-    first, err = -1, 0.0
-    for at in range(start, len(rows.claimed), JUDGE_ROWS):
+def _report_mismatch(case: CaseResult, rows: RowsUnderJudgement, first: int, table: Callable[[], RopeSlice]) -> None:
+    """The first real row that differs (from the digests), and the largest error over all real
+    rows against the table built again (blocks of rows, no whole-slice copies)."""
+    where = f"{rows.where} {rows.name} differs from the unsharded table at token "
+    where += f"{token_name(int(rows.claimed[first]), rows.grid)} (local row {first})"
+    try:
+        ref = getattr(table(), rows.name).detach().cpu()
+    except Exception as exc:  # noqa: BLE001 - the mismatch stands; only its size is unknown
+        case.fail("slice-mismatch", f"{where}; building the unsharded table again to size the error raised {exc!r}")
+        return
+    err = 0.0
+    for at in range(0, len(rows.claimed), JUDGE_ROWS):
         tokens, got = rows.claimed[at : at + JUDGE_ROWS], rows.table[at : at + JUDGE_ROWS]
         real = tokens >= 0
-        got_real, want = got[real].double(), ref.index_select(0, tokens[real]).double()
-        bad = (got_real != want).any(dim=1)
-        if first < 0 and bool(bad.any()):
-            first = at + int(real.nonzero()[int(bad.nonzero()[0])])
-        diff = (got_real - want).abs()
+        diff = (got[real].double() - ref.index_select(0, tokens[real]).double()).abs()
         if diff.numel():
             err = max(err, float(diff.nan_to_num(nan=float("inf")).max()))
-    if first < 0:
-        return
     case.max_abs_error = max(case.max_abs_error, err)
-    case.fail(
-        "slice-mismatch",
-        f"{rows.where} {rows.name} differs from the unsharded table at token "
-        f"{token_name(int(rows.claimed[first]), rows.grid)} (local row {first}), max abs error {err:.3g}",
-    )
-
-
-@functools.lru_cache(maxsize=4096)
-def _plan_run(plan: ShardPlan, grid: tuple[int, ...], sp_rank: int, sp_size: int) -> slice | None:
-    """The plan's tokens of one rank as one run of the grid, or None (computed once)."""
-    return _run_of(plan_tokens(plan, grid, sp_rank, sp_size))
-
-
-def _run_of(tokens: torch.Tensor) -> slice | None:
-    """Tokens that are one run of the grid (no padding), as a slice of it, or None."""
-    return _contiguous_block(tokens) if tokens.numel() and int(tokens[0]) >= 0 else None
-
-
-def _contiguous_block(tokens: torch.Tensor) -> slice | None:
-    if len(tokens) and int(tokens[-1]) - int(tokens[0]) == len(tokens) - 1 and bool((tokens.diff() == 1).all()):
-        return slice(int(tokens[0]), int(tokens[-1]) + 1)
-    return None
+    case.fail("slice-mismatch", f"{where}, max abs error {err:.3g}")
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -19,12 +21,13 @@ import torch
 from .build import RankState, Seat, call
 from .cache import RopeSlice
 from .config import Matrix
-from .dist import Job, UsageError, phase
+from .dist import Job, UsageError, phase, return_freed_memory
 from .exchange import RankReport, collect
 from .judge import (
     KeyRecord,
     LevelReference,
     RankSlice,
+    ReferenceRows,
     compare_oracle,
     content_digest,
     judge_apply,
@@ -49,6 +52,7 @@ from .progress import Progress
 from .providers import Provider, WrongDevice, as_a_model_calls, require_device
 from .report import CaseResult, Report
 from .sharding import ShardError
+from .spec import RopeSpec
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ def run_rank(job: Job, provider: Provider, run: RunSpec) -> Report | None:
         Progress(len(cases), run.progress and job.rank == 0),
     )
     heads = job.env.world_size  # divisible by every consecutive SP size: Ulysses shards heads
+    cpu_start = time.process_time()
     for _, by_config in itertools.groupby(fams, key=lambda f: f.config):
         config_fams = list(by_config)
         hidden = _hidden_states(rr, config_fams, heads)
@@ -151,10 +156,12 @@ def run_rank(job: Job, provider: Provider, run: RunSpec) -> Report | None:
             _first_pass(rr, sweep)
             _second_pass(rr, sweep)
         _attend(rr, config_fams, levels)
+    rr.report.cpu_s = time.process_time() - cpu_start
     rr.progress.close()
     for index, message in rr.state.retention.recheck():
         rr.state.fail(index, "overwritten-after-return", message)
     rr.report.findings, rr.report.records = rr.state.findings, list(rr.state.records.values())
+    return_freed_memory()
     rr.report.probes = _probe(rr)
     report = Report([], job.env.world_size, job.backend, provider.name, seed=run.seed)
     return collect(job, rr.report, cases, report, functools.partial(_replay_apart, rr, cases))
@@ -217,34 +224,32 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
         return
     within = (seats[0].sp_rank, seats[0].family.sp.size)
     scratch = CaseResult("", "", 0, sf, spec.dtype, spec.layout)
+    return_freed_memory()  # the largest table of the spec goes into pages of its own, not into fragments
     with phase(f"reference {spec.grid} {spec.dtype}/{spec.layout} start_frame {sf}"):
         try:
-            with as_a_model_calls(rr.job.device):
-                built = require_device(rr.provider.full(spec, rr.job.device, within), rr.job.device)
-            # Not copied (a copy would double the largest table a rank holds): its version counters
-            # show whether the implementation wrote into it while its slices were judged.
-            reference: RopeSlice | None = RopeSlice(built.cos.detach().cpu(), built.sin.detach().cpu(), built.indices)
-            del built
+            reference, watched = _unsharded(rr, spec, within)
         except WrongDevice as exc:
             scratch.fail("wrong-device", f"rank {rr.job.rank}: the unsharded table: {exc}")
-            reference = None
+            reference, watched = None, Watched([])
         except Exception as exc:  # noqa: BLE001 - the implementation under test failed: a verdict
             scratch.fail("implementation-error", f"rank {rr.job.rank}: the unsharded table raised {exc!r}"[:300])
-            reference = None
+            reference, watched = None, Watched([])
     truth = None
     if reference is not None and judge_reference(scratch, spec, reference):
-        rr.report.ref_digests[spec_id] = content_digest(reference.cos, reference.sin)
+        rows = ReferenceRows.of(reference, rr.run.seed, functools.partial(_rebuilt, rr, spec, within))
+        rr.report.ref_digests[spec_id] = rows.fingerprint()
         if participants[spec_id % len(participants)] == rr.job.rank:  # the oracle is spread over ranks
             compare_oracle(scratch, spec, reference)
-        # The upper levels' single-rank results: computed once per spec, when first asked for.
+        # The upper levels' single-rank results: computed once per spec, when first asked for (they
+        # keep the table: only geometries small enough for the upper levels have them).
         hs = None if sweep.levels is None else sweep.levels.hidden
-        truth = Truth(reference, None if hs is None else LevelReference((hs.q, hs.k, hs.v), reference, spec.layout))
+        truth = Truth(rows, None if hs is None else LevelReference((hs.q, hs.k, hs.v), reference, spec.layout))
+    del reference  # slices are judged against the digests: a rank never holds the table and a slice
     for case_index in rr.report.spec_cases[spec_id]:
         _absorb(rr, case_index, scratch)
-    versions = None if reference is None else (reference.cos._version, reference.sin._version)
     for seat in seats:
         _steps(rr, sweep, seat, rr.case(seat.family, sf), truth)
-    if reference is not None and (reference.cos._version, reference.sin._version) != versions:
+    if watched.written():
         for case_index in rr.report.spec_cases[spec_id]:
             rr.state.fail(
                 case_index,
@@ -254,12 +259,41 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
             )
 
 
+def _unsharded(rr: RankRun, spec: RopeSpec, within: tuple[int, int]) -> tuple[RopeSlice, Watched]:
+    """The implementation's unsharded table on the CPU, and a watch on the tensors it returned."""
+    with as_a_model_calls(rr.job.device):
+        built = require_device(rr.provider.full(spec, rr.job.device, within), rr.job.device)
+    return RopeSlice(built.cos.detach().cpu(), built.sin.detach().cpu(), built.indices), Watched.of(built)
+
+
+def _rebuilt(rr: RankRun, spec: RopeSpec, within: tuple[int, int]) -> RopeSlice:
+    """The unsharded table asked for again: only to size a mismatch's error."""
+    return _unsharded(rr, spec, within)[0]
+
+
+@dataclass
+class Watched:
+    """The unsharded table's tensors as the implementation returned them (and their bases), by
+    weak reference with their version counters: the check drops its own copy once the digests
+    are taken, so only what the implementation keeps can be written, and that is still seen."""
+
+    held: list[tuple[weakref.ref, int]]
+
+    @classmethod
+    def of(cls, table: RopeSlice) -> Watched:
+        tensors = [t for part in (table.cos, table.sin) for t in (part, part._base) if t is not None]
+        return cls([(weakref.ref(t), t._version) for t in tensors])
+
+    def written(self) -> bool:
+        return any((t := ref()) is not None and t._version != version for ref, version in self.held)
+
+
 @dataclass
 class Truth:
-    """What a spec's slices are judged against: the unsharded table, and the upper levels'
-    single-rank results (None where no level above the table runs)."""
+    """What a spec's slices are judged against: the unsharded table's row digests, and the upper
+    levels' single-rank results (None where no level above the table runs)."""
 
-    reference: RopeSlice
+    rows: ReferenceRows
     levels: LevelReference | None
 
 
@@ -274,7 +308,7 @@ def _steps(rr: RankRun, sweep: Sweep, seat: Seat, case: Case, truth: Truth | Non
         for step in range(calls):
             sl = call(rr.state, seat, case, "first call" if step == 0 else f"step {step + 1}")
             if sl is not None and truth is not None and not judged:
-                _judge_first(rr, seat, case, sl, truth.reference)
+                _judge_first(rr, seat, case, sl, truth.rows)
                 judged = True
             if sweep.levels is not None:  # the upper levels rotate with it after the steps
                 first = first if sl is None else sl
@@ -283,7 +317,7 @@ def _steps(rr: RankRun, sweep: Sweep, seat: Seat, case: Case, truth: Truth | Non
         _levels(rr, sweep, Seated(seat, case), first, None if truth is None else truth.levels)
 
 
-def _judge_first(rr: RankRun, seat: Seat, case: Case, first: RopeSlice, reference: RopeSlice) -> None:
+def _judge_first(rr: RankRun, seat: Seat, case: Case, first: RopeSlice, reference: ReferenceRows) -> None:
     rr.report.judged.append(case.index)
     scratch = _scratch(case)
     off_plan = judge_slice(scratch, case.spec, RankSlice(rr.job.rank, seat.sp_rank, seat.family.plan, first), reference)
@@ -347,6 +381,7 @@ def _attends(rr: RankRun, fam: Family) -> bool:
 def _second_pass(rr: RankRun, sweep: Sweep) -> None:
     """Re-enter every start_frame once, in the group's revisit order (after evictions)."""
     for sf in sweep.families[0].reentry:
+        return_freed_memory()
         for seat in sweep.seats:
             if rr.runs(seat.family, sf):
                 with phase(f"re-enter P={seat.family.sp.size} {seat.family.config.name}/{seat.family.scheme}"):

@@ -75,6 +75,9 @@ class Report:
     implementation: str
     job_errors: list[str] = field(default_factory=list)  # failures not tied to one case
     seed: int | None = None  # the matrix's seed: the same seed reruns the same cases
+    # Per rank, the CPU seconds of its case stages (build, judge, levels; not startup, the
+    # probe or the exchange): the work that grows with the cases (benchmarks' figure 8).
+    rank_cpu_s: list[float] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(case.status == status for case in self.cases)
@@ -101,6 +104,7 @@ class Report:
                 "implementation": self.implementation,
                 "diagnoses": sorted(self.diagnoses()),
                 "seed": self.seed,
+                "rank_cpu_s": self.rank_cpu_s,
             },
             "job_errors": self.job_errors,
             "cases": [{"id": c.case_id, **asdict(c)} for c in self.cases],

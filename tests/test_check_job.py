@@ -19,6 +19,8 @@ def test_default_self_launch_passes_with_reports(tmp_path):
     assert result.code == 0, result
     summary = json.loads(report.read_text())["summary"]
     assert summary["failed"] == 0 and summary["passed"] > 0 and summary["world_size"] == 4
+    # Each rank's CPU seconds in its case stages (benchmarks' figure 8): every rank did work.
+    assert len(summary["rank_cpu_s"]) == 4 and all(s > 0 for s in summary["rank_cpu_s"]), summary
     assert result.out.strip().splitlines()[-1] == f"{summary['passed']} passed, 0 failed, {summary['skipped']} skipped"
     # Every scheme ran somewhere in the default matrix (skips are reported, never counted as passed),
     # and the breadth geometries add zigzag along a spatial axis.
@@ -86,6 +88,14 @@ def test_in_place_mutation_of_a_cached_table_is_caught():
     result = check("--nproc", "2", "--impl", f"{FIXTURES}/mutating.py:scale_in_place", *SMALL)
     assert result.code == 1, result
     assert "mutated-in-place" in result.out
+
+
+def test_a_write_into_the_unsharded_table_the_implementation_kept_is_caught():
+    """The check drops its copy of the unsharded table once its rows are digested; the tables the
+    implementation returned are watched by weak reference, so a write into one it kept is seen."""
+    result = check("--nproc", "2", "--impl", f"{FIXTURES}/mutating.py:writes_into_its_unsharded_table", *SMALL)
+    assert result.code == 1, result
+    assert "wrote into the unsharded table it had returned" in result.out, result.out
 
 
 def test_an_implementation_that_raises_on_one_rank_is_a_verdict_naming_it(tmp_path):

@@ -1,7 +1,7 @@
-"""judge_slice on its own: slices of several blocks of rows, compared a block at a time.
+"""judge_slice on its own: slices judged against the unsharded table's row digests.
 
-The grid has 10 x 30 x 40 = 12,000 tokens, so a P=2 slice spans two of judging's 4096-row
-blocks and a stripe's tokens are never one run (the blockwise path, not the view fast path).
+The grid has 10 x 30 x 40 = 12,000 tokens, so a P=2 slice spans several of the digests' 1024-row
+blocks and two of a mismatch report's 4096-row blocks, and a stripe's tokens are never one run.
 Expected messages are written out here by hand, from the token the test corrupts.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sp_rope.cache import RopeSlice
-from sp_rope.judge import JUDGE_ROWS, RankSlice, judge_slice
+from sp_rope.judge import JUDGE_ROWS, RankSlice, ReferenceRows, judge_slice, row_digests
 from sp_rope.report import CaseResult
 from sp_rope.sharding import parse_plan
 from sp_rope.spec import RopeSpec
@@ -24,6 +24,17 @@ def _reference() -> RopeSlice:
     return RopeSlice(cos, sin, torch.arange(SPEC.num_tokens))
 
 
+def _rows(table: RopeSlice, rebuilds: list[int] | None = None) -> ReferenceRows:
+    """The table's row digests; its rebuild hands back the same table, counting the calls."""
+
+    def rebuild() -> RopeSlice:
+        if rebuilds is not None:
+            rebuilds.append(1)
+        return table
+
+    return ReferenceRows.of(table, 7, rebuild)
+
+
 def _rank_slice(scheme: str, sp_rank: int, sp_size: int) -> tuple[RankSlice, torch.Tensor]:
     plan = parse_plan(scheme)
     tokens = plan.indices(SPEC.grid, sp_rank, sp_size)
@@ -31,17 +42,19 @@ def _rank_slice(scheme: str, sp_rank: int, sp_size: int) -> tuple[RankSlice, tor
     return RankSlice(sp_rank, sp_rank, plan, RopeSlice(cos, sin, tokens)), tokens
 
 
-def _judge(got: RankSlice, scheme: str, sp_size: int) -> CaseResult:
+def _judge(got: RankSlice, scheme: str, sp_size: int, rebuilds: list[int] | None = None) -> CaseResult:
     case = CaseResult("t", scheme, sp_size, 0, "float64", "interleaved")
-    judge_slice(case, SPEC, got, _reference())
+    judge_slice(case, SPEC, got, _rows(_reference(), rebuilds))
     return case
 
 
-def test_a_correct_strided_slice_over_several_blocks_passes():
+def test_a_correct_strided_slice_over_several_blocks_passes_without_building_the_table_again():
     got, tokens = _rank_slice("stripe", 1, 2)
     assert len(tokens) > JUDGE_ROWS and not bool((tokens.diff() == 1).all())
-    case = _judge(got, "stripe", 2)
+    rebuilds: list[int] = []
+    case = _judge(got, "stripe", 2, rebuilds)
     assert case.status == "passed", case.details
+    assert rebuilds == []  # the digests alone pass a correct slice
 
 
 def test_a_bad_row_in_a_later_block_names_its_token_and_the_largest_error():
@@ -52,7 +65,9 @@ def test_a_bad_row_in_a_later_block_names_its_token_and_the_largest_error():
     h, w = divmod(rest, 40)
     got.table.sin[row, 3] += 0.5
     got.table.sin[row + 100, 5] -= 0.125  # a smaller error further on: the maximum is still 0.5
-    case = _judge(got, "stripe", 2)
+    rebuilds: list[int] = []
+    case = _judge(got, "stripe", 2, rebuilds)
+    assert rebuilds == [1]  # the table is built again once, to size the error
     assert case.diagnoses == ["slice-mismatch"], case.details
     assert case.details == [
         f"slice-mismatch: rank 1 (stripe, P=2) sin differs from the unsharded table at token "
@@ -84,7 +99,7 @@ def test_padding_rows_must_be_the_identity_and_real_rows_still_match():
 
     def judge(c: torch.Tensor, s: torch.Tensor) -> CaseResult:
         case = CaseResult("t", scheme, 4, 0, "float64", "interleaved")
-        judge_slice(case, spec, RankSlice(3, 3, plan, RopeSlice(c, s, last)), reference)
+        judge_slice(case, spec, RankSlice(3, 3, plan, RopeSlice(c, s, last)), _rows(reference))
         return case
 
     assert judge(cos, sin).status == "passed"
@@ -130,3 +145,30 @@ def test_a_key_for_two_tables_across_groups_is_a_collision():
 
     (found,) = find_key_collisions([_record("k", "t0", 0), _record("k", "t1", 3, group="strided1")])
     assert found.message == "cache key k maps to two different tables (rank 0 P=2 and rank 3 P=2)"
+
+
+def test_row_digests_see_any_one_changed_bit_of_any_word_and_read_minus_zero_as_zero():
+    """Every bit of every 16-bit word of a row, flipped alone, changes the row's digest; two
+    changes that cancel in a sum of the words (a sign flip in two entries) do too."""
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        rows = torch.randn(3, 6).to(dtype)
+        base = row_digests(rows, 7)
+        words = rows.view(torch.int16)
+        for word in range(words.shape[1]):
+            for bit in range(16):
+                flipped = words.clone()
+                flipped[1, word] ^= torch.tensor(1 << bit).to(torch.int16)
+                got = row_digests(flipped.view(dtype), 7)
+                assert not torch.equal(got[1], base[1]), (dtype, word, bit)
+                assert torch.equal(got[[0, 2]], base[[0, 2]])
+        signs = rows.clone()
+        signs[1, :2] = -signs[1, :2]
+        assert not torch.equal(row_digests(signs, 7)[1], base[1])
+        zeros = torch.zeros(1, 6, dtype=dtype)
+        assert torch.equal(row_digests(-zeros, 7), row_digests(zeros, 7))
+
+
+def test_the_digests_coefficients_follow_the_seed():
+    rows = torch.randn(4, 8, dtype=torch.float64)
+    assert torch.equal(row_digests(rows, 3), row_digests(rows.clone(), 3))
+    assert not torch.equal(row_digests(rows, 3), row_digests(rows, 4))
