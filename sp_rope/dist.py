@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import os
 import pickle
@@ -106,6 +107,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_FREED_BYTES = 1 << 30
 
 
+@functools.cache
+def _glibc(name: str, argtypes: tuple[type, ...]) -> Any:
+    """One of glibc's malloc functions (returning int), looked up once; None elsewhere."""
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator's defaults stay
+        return None
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn
+
+
 def keep_freed_memory() -> bool:
     """Have this rank's allocator keep freed blocks for reuse; True where glibc accepted it.
 
@@ -116,11 +128,9 @@ def keep_freed_memory() -> bool:
     With the thresholds raised, freed blocks go back to the heap and the next table reuses
     them. What the implementation computes is the same either way; its untouched memory may hold
     old bytes instead of zeros, as on a GPU's caching allocator."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator's defaults stay
+    mallopt = _glibc("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
 
 
@@ -132,12 +142,9 @@ def return_freed_memory() -> None:
     table (the largest table a rank holds) and before each re-entry: what one spec left does not
     add to the next one's tables, while a spec's own slices still reuse its blocks without a
     page fault (a fault per 4 KiB made a table several times dearer to build on our VM)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
+    trim = _glibc("malloc_trim", (ctypes.c_size_t,))
+    if trim is not None:
+        trim(0)
 
 
 def resolve_backend(requested: str, env: LaunchEnv) -> tuple[str, str]:
