@@ -3,9 +3,9 @@
 Each rank judges its own slices where they are, so what crosses the wire is findings, not tables:
 
 - ``judge_slice``: the rank's rows vs the implementation's unsharded table, row by row through
-  ``ReferenceRows`` (per-row digests: a rank never holds the table and a slice at once), at the
-  tokens the rank claims; the claimed tokens must be the plan's (``plan-mismatch``); padding rows
-  are the identity;
+  ``ReferenceRows`` (per-row digests, so a rank need not hold the largest tables and a slice at
+  once; smaller tables are held and compared directly), at the tokens the rank claims; the
+  claimed tokens must be the plan's (``plan-mismatch``); padding rows are the identity;
 - ``compare_oracle``: the unsharded table vs the independent float64 formula, within a per-dtype
   tolerance (once per spec, on one rank: the specs are spread over the ranks);
 - ``judge_apply`` / ``judge_attention``: the upper levels, against single-rank results;
@@ -233,7 +233,7 @@ def judge_slice(case: CaseResult, spec: RopeSpec, got: RankSlice, reference: Ref
             f"claimed {_token_or_pad(claimed, at, spec.grid)}, plan {_token_or_pad(own, at, spec.grid)}",
         )
         off_plan = claimed
-    table = functools.cache(reference.rebuild)  # at most once per slice, and only for a mismatch
+    table = functools.cache(reference.table)  # at most once per slice, and only for a mismatch
     for name, rows in (("cos", cos), ("sin", sin)):
         _compare_rows(case, RowsUnderJudgement(where, name, rows, claimed, spec.grid), reference, table)
     return off_plan
@@ -248,10 +248,15 @@ ROW_BLOCK = 1024  # rows widened to float64 words at once: a few MiB, never a ta
 
 @functools.lru_cache(maxsize=64)
 def _row_coefficients(words: int, seed: int) -> torch.Tensor:
-    """Uniform coefficients modulo the prime, one column per hash, drawn from the run's seed."""
+    """Uniform coefficients modulo the prime, one row per hash, drawn from the run's seed."""
     generator = torch.Generator().manual_seed(seed)
     drawn = torch.randint(0, ROW_DIGEST_PRIME, (words, ROW_DIGEST_WIDTH), generator=generator)
-    return drawn.to(torch.float64)
+    return drawn.to(torch.float64).T.contiguous()
+
+
+def _words(rows: torch.Tensor) -> torch.Tensor:
+    """The rows' signed 16-bit words, -0.0 read as 0.0 (``x + 0.0``), as an equality test would."""
+    return (rows + 0.0).view(torch.int16)
 
 
 def row_digests(table: torch.Tensor, seed: int) -> torch.Tensor:
@@ -261,24 +266,29 @@ def row_digests(table: torch.Tensor, seed: int) -> torch.Tensor:
 
     The sums are integers below ``2**53`` (words < 2**15, coefficients < 2**17, at most 2**20
     words a row), so a float64 matrix product computes them exactly, in any summation order.
-    -0.0 is read as 0.0 (``x + 0.0``), as an equality test would."""
+    The coefficients stand on the left (``[hashes, words] @ [words, rows]``): with few hashes,
+    that is the shape BLAS runs several times faster than ``[rows, words] @ [words, hashes]``."""
     rows = table.detach().cpu()  # [rows, width]: shapes are judged before digests
     words = rows.shape[1] * rows.element_size() // 2
     if words > 2**20:
         raise ValueError(f"rows of {words} 16-bit words are too wide for exact row digests")
     coefficients = _row_coefficients(words, seed)
-    out = torch.empty(rows.shape[0], ROW_DIGEST_WIDTH, dtype=torch.float64)
+    out = torch.empty(ROW_DIGEST_WIDTH, rows.shape[0], dtype=torch.float64)
+    wide = torch.empty(min(ROW_BLOCK, rows.shape[0]), words, dtype=torch.float64)  # reused: no allocation a block
     for start in range(0, rows.shape[0], ROW_BLOCK):
-        block = (rows[start : start + ROW_BLOCK] + 0.0).view(torch.int16)
-        torch.mm(block.to(torch.float64), coefficients, out=out[start : start + ROW_BLOCK])
-    return out.remainder_(ROW_DIGEST_PRIME).to(torch.int32)
+        block = _words(rows[start : start + ROW_BLOCK])
+        widened = wide[: block.shape[0]].copy_(block)
+        torch.mm(coefficients, widened.T, out=out[:, start : start + block.shape[0]])
+    return out.remainder_(ROW_DIGEST_PRIME).to(torch.int32).T
 
 
 @dataclass(frozen=True)
 class ReferenceRows:
-    """The implementation's unsharded table as per-row digests: what every slice is judged
-    against, 16 bytes a row, so a rank never holds the table and a slice at once. ``rebuild``
-    asks the implementation for the table again: only to report a mismatch's error."""
+    """The implementation's unsharded table as per-row digests (16 bytes a row): what every slice
+    is judged against. ``held`` is the table itself where the pipeline keeps it (a table no
+    larger than half the run's largest: see ``pipeline``); while nothing has written into it,
+    slices are compared with its rows directly, the same test the digests make, at a third of
+    the cost. ``rebuild`` asks the implementation for the table again: only to size a mismatch."""
 
     cos: torch.Tensor  # [tokens, ROW_DIGEST_WIDTH]
     sin: torch.Tensor
@@ -286,11 +296,29 @@ class ReferenceRows:
     width: int
     seed: int
     rebuild: Callable[[], RopeSlice]
+    held: RopeSlice | None = None
+    held_versions: tuple[int, int] = (0, 0)
 
     @classmethod
-    def of(cls, table: RopeSlice, seed: int, rebuild: Callable[[], RopeSlice]) -> ReferenceRows:
+    def of(
+        cls, table: RopeSlice, seed: int, rebuild: Callable[[], RopeSlice], hold: bool = False
+    ) -> ReferenceRows:
         cos, sin = row_digests(table.cos, seed), row_digests(table.sin, seed)
-        return cls(cos, sin, table.cos.dtype, table.cos.shape[1], seed, rebuild)
+        held, versions = (table, (table.cos._version, table.sin._version)) if hold else (None, (0, 0))
+        return cls(cos, sin, table.cos.dtype, table.cos.shape[1], seed, rebuild, held, versions)
+
+    def intact(self) -> RopeSlice | None:
+        """The held table, unless something wrote into it after its digests were taken (then
+        only the digests say what it was)."""
+        held = self.held
+        if held is None or (held.cos._version, held.sin._version) != self.held_versions:
+            return None
+        return held
+
+    def table(self) -> RopeSlice:
+        """The table's rows for a mismatch's report: the held table, else built again."""
+        held = self.intact()
+        return self.rebuild() if held is None else held
 
     def fingerprint(self) -> str:
         """One digest of all rows: the ranks compare theirs (every rank's table must be the same)."""
@@ -315,12 +343,17 @@ JUDGE_ROWS = 4096  # rows of a rebuilt table compared at once when a mismatch is
 def _compare_rows(
     case: CaseResult, rows: RowsUnderJudgement, reference: ReferenceRows, table: Callable[[], RopeSlice]
 ) -> None:
-    """Each real row's digest against the unsharded table's at its token, plus the identity on
-    padding rows. Only a mismatch asks for the table itself (``table``), for the error's size."""
-    claimed = rows.claimed
-    real = claimed >= 0
-    want = getattr(reference, rows.name).index_select(0, claimed.clamp(min=0))
-    bad = (row_digests(rows.table, reference.seed) != want).any(dim=1) & real
+    """Each real row against the unsharded table's at its token (its held rows, else its row
+    digests), plus the identity on padding rows. Only a mismatch asks for the table itself
+    (``table``), for the error's size."""
+    real = rows.claimed >= 0
+    held = reference.intact()
+    if held is None:
+        want = getattr(reference, rows.name).index_select(0, rows.claimed.clamp(min=0))
+        differ = (row_digests(rows.table, reference.seed) != want).any(dim=1)
+    else:
+        differ = _rows_differ(rows, getattr(held, rows.name))
+    bad = differ & real
     if bool(bad.any()):
         _report_mismatch(case, rows, int(bad.nonzero()[0]), table)
     pad = ~real
@@ -329,9 +362,23 @@ def _compare_rows(
         case.fail("slice-mismatch", f"{rows.where} padding rows of {rows.name} are not {identity}")
 
 
+def _rows_differ(rows: RowsUnderJudgement, table: torch.Tensor) -> torch.Tensor:
+    """Which rows differ in their words from the table's rows at their tokens (the digests'
+    test: -0.0 reads as 0.0), a block of rows at a time through one reused buffer."""
+    tokens = rows.claimed.clamp(min=0)  # padding rows are judged apart
+    differ = torch.zeros(len(tokens), dtype=torch.bool)
+    buffer = torch.empty(min(ROW_BLOCK, len(tokens)), table.shape[1], dtype=table.dtype)
+    for start in range(0, len(tokens), ROW_BLOCK):
+        got = rows.table[start : start + ROW_BLOCK]
+        want = torch.index_select(table, 0, tokens[start : start + ROW_BLOCK], out=buffer[: len(got)])
+        if not torch.equal(got, want):  # equal values are equal words; unequal ones (or NaN) are looked at
+            differ[start : start + len(got)] = (_words(got) != _words(want)).any(dim=1)
+    return differ
+
+
 def _report_mismatch(case: CaseResult, rows: RowsUnderJudgement, first: int, table: Callable[[], RopeSlice]) -> None:
-    """The first real row that differs (from the digests), and the largest error over all real
-    rows against the table built again (blocks of rows, no whole-slice copies)."""
+    """The first real row that differs, and the largest error over all real rows against the
+    table (held, or built again; blocks of rows, no whole-slice copies)."""
     where = f"{rows.where} {rows.name} differs from the unsharded table at token "
     where += f"{token_name(int(rows.claimed[first]), rows.grid)} (local row {first})"
     try:

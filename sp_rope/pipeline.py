@@ -3,8 +3,9 @@
 For each geometry, dtype and layout ("a sweep group"), every rank walks the start_frames in
 order. For each one it builds the implementation's unsharded table once, has the owner rank
 judge it against the float64 oracle, then calls the implementation for every family of the
-group it sits in (schemes x SP layouts), judging each first-call slice against that table where
-it lies. A second pass re-enters the start_frames in another order. Only findings travel.
+group it sits in (schemes x SP layouts), judging each first-call slice where it lies against
+that table: its row digests, or the table itself where it is small (``_holds``). A second pass
+re-enters the start_frames in another order. Only findings travel.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ class RankRun:
     state: RankState = field(init=False)
     report: RankReport = field(init=False)
     specs: int = 0  # specs numbered in matrix order, the same on every rank
+    largest_table: int = 0  # bytes of the run's largest cos table (see ``_holds``)
 
     def __post_init__(self) -> None:
         self.state = RankState(self.job, self.provider)
@@ -146,6 +148,7 @@ def run_rank(job: Job, provider: Provider, run: RunSpec) -> Report | None:
         Progress(len(cases), run.progress and job.rank == 0),
     )
     heads = job.env.world_size  # divisible by every consecutive SP size: Ulysses shards heads
+    rr.largest_table = max(_table_bytes(case.spec) for case in cases)
     cpu_start = time.process_time()
     for _, by_config in itertools.groupby(fams, key=lambda f: f.config):
         config_fams = list(by_config)
@@ -224,7 +227,6 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
         return
     within = (seats[0].sp_rank, seats[0].family.sp.size)
     scratch = CaseResult("", "", 0, sf, spec.dtype, spec.layout)
-    return_freed_memory()  # the largest table of the spec goes into pages of its own, not into fragments
     with phase(f"reference {spec.grid} {spec.dtype}/{spec.layout} start_frame {sf}"):
         try:
             reference, watched = _unsharded(rr, spec, within)
@@ -236,7 +238,8 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
             reference, watched = None, Watched([])
     truth = None
     if reference is not None and judge_reference(scratch, spec, reference):
-        rows = ReferenceRows.of(reference, rr.run.seed, functools.partial(_rebuilt, rr, spec, within))
+        rebuild = functools.partial(_rebuilt, rr, spec, within)
+        rows = ReferenceRows.of(reference, rr.run.seed, rebuild, hold=_holds(rr, spec))
         rr.report.ref_digests[spec_id] = rows.fingerprint()
         if participants[spec_id % len(participants)] == rr.job.rank:  # the oracle is spread over ranks
             compare_oracle(scratch, spec, reference)
@@ -244,7 +247,7 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
         # keep the table: only geometries small enough for the upper levels have them).
         hs = None if sweep.levels is None else sweep.levels.hidden
         truth = Truth(rows, None if hs is None else LevelReference((hs.q, hs.k, hs.v), reference, spec.layout))
-    del reference  # slices are judged against the digests: a rank never holds the table and a slice
+    del reference  # held on only where _holds says so (or for the upper levels)
     for case_index in rr.report.spec_cases[spec_id]:
         _absorb(rr, case_index, scratch)
     for seat in seats:
@@ -257,6 +260,18 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
                 f"rank {rr.job.rank}: the implementation wrote into the "
                 "unsharded table it had returned while this rank's slices were judged against it",
             )
+
+
+def _table_bytes(spec: RopeSpec) -> int:
+    return spec.num_tokens * spec.width * spec.torch_dtype.itemsize
+
+
+def _holds(rr: RankRun, spec: RopeSpec) -> bool:
+    """Whether the rank keeps the unsharded table while it judges the spec's slices. A table at
+    most half the run's largest is kept: it, a slice and the implementation's temporaries take
+    no more memory than the largest table's own pass, in which the table is dropped after its
+    row digests. Comparing with kept rows costs a third of digesting every slice."""
+    return 2 * _table_bytes(spec) <= rr.largest_table
 
 
 def _unsharded(rr: RankRun, spec: RopeSpec, within: tuple[int, int]) -> tuple[RopeSlice, Watched]:
@@ -274,8 +289,9 @@ def _rebuilt(rr: RankRun, spec: RopeSpec, within: tuple[int, int]) -> RopeSlice:
 @dataclass
 class Watched:
     """The unsharded table's tensors as the implementation returned them (and their bases), by
-    weak reference with their version counters: the check drops its own copy once the digests
-    are taken, so only what the implementation keeps can be written, and that is still seen."""
+    weak reference with their version counters: the check drops its own copy of a large table
+    once the digests are taken, so only what the implementation keeps can be written, and that
+    is still seen."""
 
     held: list[tuple[weakref.ref, int]]
 
@@ -381,7 +397,6 @@ def _attends(rr: RankRun, fam: Family) -> bool:
 def _second_pass(rr: RankRun, sweep: Sweep) -> None:
     """Re-enter every start_frame once, in the group's revisit order (after evictions)."""
     for sf in sweep.families[0].reentry:
-        return_freed_memory()
         for seat in sweep.seats:
             if rr.runs(seat.family, sf):
                 with phase(f"re-enter P={seat.family.sp.size} {seat.family.config.name}/{seat.family.scheme}"):

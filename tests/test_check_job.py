@@ -91,8 +91,9 @@ def test_in_place_mutation_of_a_cached_table_is_caught():
 
 
 def test_a_write_into_the_unsharded_table_the_implementation_kept_is_caught():
-    """The check drops its copy of the unsharded table once its rows are digested; the tables the
-    implementation returned are watched by weak reference, so a write into one it kept is seen."""
+    """The check drops its copy of the run's largest unsharded tables once their rows are digested
+    (it keeps smaller ones); the tables the implementation returned are watched by weak
+    reference, so a write into one it kept is seen either way."""
     result = check("--nproc", "2", "--impl", f"{FIXTURES}/mutating.py:writes_into_its_unsharded_table", *SMALL)
     assert result.code == 1, result
     assert "wrote into the unsharded table it had returned" in result.out, result.out

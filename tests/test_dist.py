@@ -101,7 +101,7 @@ print(before - resident_mib())
 
 @pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "malloc_trim"), reason="not glibc")
 def test_return_freed_memory_gives_back_the_heap_that_keep_freed_memory_keeps():
-    """Freed tables stay resident in a heap that keeps them; the trim between specs returns
+    """Freed tables stay resident in a heap that keeps them; the trim before the probe returns
     their pages even where small blocks still pin the heap around them."""
     import subprocess
     import sys
