@@ -282,13 +282,32 @@ def row_digests(table: torch.Tensor, seed: int) -> torch.Tensor:
     return out.remainder_(ROW_DIGEST_PRIME).to(torch.int32).T
 
 
+@dataclass
+class Watched:
+    """The unsharded table's tensors as the implementation returned them (and their bases), by
+    weak reference with their version counters: the check drops its own copy of a large table
+    once the digests are taken, so only what the implementation keeps can be written, and that
+    is still seen."""
+
+    held: list[tuple[weakref.ref, int]]
+
+    @classmethod
+    def of(cls, table: RopeSlice) -> Watched:
+        tensors = [t for part in (table.cos, table.sin) for t in (part, part._base) if t is not None]
+        return cls([(weakref.ref(t), t._version) for t in tensors])
+
+    def written(self) -> bool:
+        return any((t := ref()) is not None and t._version != version for ref, version in self.held)
+
+
 @dataclass(frozen=True)
 class ReferenceRows:
     """The implementation's unsharded table as per-row digests (16 bytes a row): what every slice
     is judged against. ``held`` is the table itself where the pipeline keeps it (a table no
-    larger than half the run's largest: see ``pipeline``); while nothing has written into it,
-    slices are compared with its rows directly, the same test the digests make, at a third of
-    the cost. ``rebuild`` asks the implementation for the table again: only to size a mismatch."""
+    larger than half the run's largest: see ``pipeline``); while ``watched`` sees no write into
+    what the implementation returned, slices are compared with its rows directly, the same test
+    the digests make, at a third of the cost. ``rebuild`` asks the implementation for the table
+    again: only to size a mismatch."""
 
     cos: torch.Tensor  # [tokens, ROW_DIGEST_WIDTH]
     sin: torch.Tensor
@@ -297,23 +316,24 @@ class ReferenceRows:
     seed: int
     rebuild: Callable[[], RopeSlice]
     held: RopeSlice | None = None
-    held_versions: tuple[int, int] = (0, 0)
+    watched: Watched | None = None
 
     @classmethod
     def of(
-        cls, table: RopeSlice, seed: int, rebuild: Callable[[], RopeSlice], hold: bool = False
+        cls, table: RopeSlice, seed: int, rebuild: Callable[[], RopeSlice], watched: Watched | None = None
     ) -> ReferenceRows:
+        """The table's row digests; with ``watched`` (the watch on the tensors the implementation
+        returned for it), the table itself is kept too."""
         cos, sin = row_digests(table.cos, seed), row_digests(table.sin, seed)
-        held, versions = (table, (table.cos._version, table.sin._version)) if hold else (None, (0, 0))
-        return cls(cos, sin, table.cos.dtype, table.cos.shape[1], seed, rebuild, held, versions)
+        held = None if watched is None else table
+        return cls(cos, sin, table.cos.dtype, table.cos.shape[1], seed, rebuild, held, watched)
 
     def intact(self) -> RopeSlice | None:
         """The held table, unless something wrote into it after its digests were taken (then
         only the digests say what it was)."""
-        held = self.held
-        if held is None or (held.cos._version, held.sin._version) != self.held_versions:
+        if self.watched is None or self.watched.written():
             return None
-        return held
+        return self.held
 
     def table(self) -> RopeSlice:
         """The table's rows for a mismatch's report: the held table, else built again."""

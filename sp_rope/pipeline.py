@@ -14,7 +14,6 @@ import functools
 import itertools
 import math
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +28,7 @@ from .judge import (
     LevelReference,
     RankSlice,
     ReferenceRows,
+    Watched,
     compare_oracle,
     content_digest,
     judge_apply,
@@ -114,11 +114,12 @@ class RankRun:
     state: RankState = field(init=False)
     report: RankReport = field(init=False)
     specs: int = 0  # specs numbered in matrix order, the same on every rank
-    largest_table: int = 0  # bytes of the run's largest cos table (see ``_holds``)
+    largest_table: int = field(init=False)  # bytes of the run's largest cos table (see ``_holds``)
 
     def __post_init__(self) -> None:
         self.state = RankState(self.job, self.provider)
         self.report = RankReport(self.job.rank)
+        self.largest_table = max(_table_bytes(case.spec) for case in self.cases.values())
 
     def case(self, fam: Family, sf: int) -> Case:
         return self.cases[(id(fam), sf)]
@@ -148,7 +149,6 @@ def run_rank(job: Job, provider: Provider, run: RunSpec) -> Report | None:
         Progress(len(cases), run.progress and job.rank == 0),
     )
     heads = job.env.world_size  # divisible by every consecutive SP size: Ulysses shards heads
-    rr.largest_table = max(_table_bytes(case.spec) for case in cases)
     cpu_start = time.process_time()
     for _, by_config in itertools.groupby(fams, key=lambda f: f.config):
         config_fams = list(by_config)
@@ -239,7 +239,7 @@ def _one_start_frame(rr: RankRun, sweep: Sweep, live: list[Family], sf: int) -> 
     truth = None
     if reference is not None and judge_reference(scratch, spec, reference):
         rebuild = functools.partial(_rebuilt, rr, spec, within)
-        rows = ReferenceRows.of(reference, rr.run.seed, rebuild, hold=_holds(rr, spec))
+        rows = ReferenceRows.of(reference, rr.run.seed, rebuild, watched if _holds(rr, spec) else None)
         rr.report.ref_digests[spec_id] = rows.fingerprint()
         if participants[spec_id % len(participants)] == rr.job.rank:  # the oracle is spread over ranks
             compare_oracle(scratch, spec, reference)
@@ -284,24 +284,6 @@ def _unsharded(rr: RankRun, spec: RopeSpec, within: tuple[int, int]) -> tuple[Ro
 def _rebuilt(rr: RankRun, spec: RopeSpec, within: tuple[int, int]) -> RopeSlice:
     """The unsharded table asked for again: only to size a mismatch's error."""
     return _unsharded(rr, spec, within)[0]
-
-
-@dataclass
-class Watched:
-    """The unsharded table's tensors as the implementation returned them (and their bases), by
-    weak reference with their version counters: the check drops its own copy of a large table
-    once the digests are taken, so only what the implementation keeps can be written, and that
-    is still seen."""
-
-    held: list[tuple[weakref.ref, int]]
-
-    @classmethod
-    def of(cls, table: RopeSlice) -> Watched:
-        tensors = [t for part in (table.cos, table.sin) for t in (part, part._base) if t is not None]
-        return cls([(weakref.ref(t), t._version) for t in tensors])
-
-    def written(self) -> bool:
-        return any((t := ref()) is not None and t._version != version for ref, version in self.held)
 
 
 @dataclass

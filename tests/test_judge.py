@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sp_rope.cache import RopeSlice
-from sp_rope.judge import JUDGE_ROWS, RankSlice, ReferenceRows, judge_slice, row_digests
+from sp_rope.judge import JUDGE_ROWS, RankSlice, ReferenceRows, Watched, judge_slice, row_digests
 from sp_rope.report import CaseResult
 from sp_rope.sharding import parse_plan
 from sp_rope.spec import RopeSpec
@@ -36,7 +36,7 @@ def _rows(table: RopeSlice, rebuilds: list[int] | None = None, hold: bool = Fals
             rebuilds.append(1)
         return table
 
-    return ReferenceRows.of(table, 7, rebuild, hold=hold)
+    return ReferenceRows.of(table, 7, rebuild, Watched.of(table) if hold else None)
 
 
 HOLD = pytest.mark.parametrize("hold", [False, True], ids=["digests", "held"])
@@ -225,7 +225,7 @@ def test_a_held_table_written_into_after_its_digests_is_judged_by_its_digests():
     """What was digested is what slices are judged against: a write into the held table after
     that (reported apart, as ``mutated-in-place``) does not make a correct slice wrong."""
     reference = _reference()
-    rows = ReferenceRows.of(reference, 7, _reference, hold=True)
+    rows = ReferenceRows.of(reference, 7, _reference, Watched.of(reference))
     assert rows.intact() is reference
     got, tokens = _rank_slice("stripe", 1, 2)
     reference.sin[int(tokens[3])] += 1.0  # a row this slice claims
