@@ -22,6 +22,7 @@ import torch
 
 from .cache import CacheMutationError, RopeCache, RopeSlice
 from .config import ConfigError
+from .judge import plan_tokens
 from .providers import UNSHARDED, NativeProvider, Provider, SpRopeProvider
 from .sharding import ShardPlan
 from .spec import RopeSpec, default_rope_dim_list
@@ -304,7 +305,7 @@ class FastVideoProvider(Provider):
         cos, sin = self._call(spec, axis, _Group(sp_rank, sp_size), sp_size > 1)
         key = self.watcher.key_for((cos, sin), before) if self.watcher and before else None
         # The function takes no device: a model moves its tables (a no-op where they already are).
-        return RopeSlice(cos.to(device), sin.to(device), plan.indices(spec.grid, sp_rank, sp_size), key)
+        return RopeSlice(cos.to(device), sin.to(device), plan_tokens(plan, spec.grid, sp_rank, sp_size), key)
 
     def cache_size(self) -> int | None:
         return None if self.watcher is None else self.watcher.size()
@@ -351,7 +352,7 @@ class FastVideoNdProvider(Provider):
                 use_real=spec.layout == "interleaved",
             )
         self._returned[(spec, plan, sp_rank, sp_size, device)] = [(t, t._version) for t in (cos, sin)]
-        return RopeSlice(cos.to(device), sin.to(device), plan.indices(spec.grid, sp_rank, sp_size))
+        return RopeSlice(cos.to(device), sin.to(device), plan_tokens(plan, spec.grid, sp_rank, sp_size))
 
     def get(self, spec: RopeSpec, plan: ShardPlan, sp_rank: int, sp_size: int, device: str) -> RopeSlice:
         out = self.cache.get(spec, plan, sp_rank, sp_size, device)

@@ -241,7 +241,8 @@ def _seeded_families(
 ) -> list[Family]:
     """One breadth geometry: a contiguous split of its long axis and a flat split (what the
     restricted conventions express), one more scheme drawn; float32 interleaved (the same) and
-    two more dtype x layout combinations drawn; start_frame 0 and one other."""
+    two more dtype x layout combinations drawn (every one for a 1-D or 2-D grid); start_frame 0
+    and one other."""
     long_axis = "thw"[config.grid.index(max(config.grid))]
     fixed = [s for s in (f"contiguous:{long_axis}", "flat") if s in matrix.schemes]
     if long_axis != "t" and any(s.startswith("zigzag") for s in matrix.schemes):
@@ -252,6 +253,8 @@ def _seeded_families(
     combos = [(dtype, layout) for dtype in matrix.dtypes for layout in matrix.layouts]
     plain = [c for c in combos if c == ("float32", "interleaved")]
     drawn = plain + rng.sample([c for c in combos if c not in plain], min(3 - len(plain), len(combos) - len(plain)))
+    if len(config.grid) < 3:  # a separate path for fewer axes: every combination (their tables are tiny)
+        drawn = plain + [c for c in combos if c not in plain]
     # A causal offset always (T = 1 grids and scalar factors on t only show one there).
     frames = tuple(dict.fromkeys((0, rng.choice([f for f in matrix.start_frames if f] or [0]))))
     out = []

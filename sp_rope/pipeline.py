@@ -440,9 +440,9 @@ def _absorb(rr: RankRun, case_index: int, scratch: CaseResult) -> None:
 
 
 def _probe(rr: RankRun) -> list[CaseResult]:
-    """The key-completeness probe, its fields spread over the ranks but the last, which runs the
-    eviction sweep (about as long as all the fields together); the hot-key calls run on the rank
-    before it."""
+    """The key-completeness probe (from a small base and from one at a real latent's size), its
+    fields spread over the ranks but the last, which runs the eviction sweep (about as long as
+    all the fields together); the hot-key calls run on the rank before it."""
     from .probe import field_groups, probe_eviction, probe_hot_keys, probe_keys
 
     world, rank = rr.job.env.world_size, rr.job.rank
@@ -450,6 +450,10 @@ def _probe(rr: RankRun) -> list[CaseResult]:
     groups = field_groups(rr.provider)
     with phase("key-completeness probe"):
         cases = probe_keys(rr.provider, rr.job.device, only=lambda i: rank < spread and groups[i] % spread == rank)
+        # At a real latent's size too, each field on the next rank (the fields' costs even out).
+        cases += probe_keys(
+            rr.provider, rr.job.device, only=lambda i: rank < spread and (groups[i] + 1) % spread == rank, scaled=True
+        )
     if rank == world - 1:
         with phase("cache eviction sweep"):
             # It grows past its first 1024 inputs only within a third of the job's timeout from

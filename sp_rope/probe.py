@@ -173,9 +173,25 @@ def variants(base: Base) -> list[Variant]:
     out.append(Variant("head dim", b.with_spec(rope_dim_list=wan_split), f"{s.head_dim} -> {head_dim}"))
     later = s.start_frame + 5
     out.append(Variant("start_frame", b.with_spec(start_frame=later), f"{s.start_frame} -> {later}"))
+    # 2^20 frames later: the same offset modulo any power of two up to 2^20, which a key that
+    # packs start_frame into a bit field, or a ring of positions indexed modulo its length, sees.
+    # (Still exact in float32, as the convention's positions are.)
+    far = s.start_frame + FAR_FRAMES
+    out.append(Variant("start_frame (+2^20)", b.with_spec(start_frame=far), f"{s.start_frame} -> {far}"))
     rank = (b.sp_rank + 1) % b.sp_size
     out.append(Variant("sp_rank", replace(b, sp_rank=rank), f"{b.sp_rank} -> {rank}"))
     out.append(Variant("sp_size", replace(b, sp_size=2 * b.sp_size), f"{b.sp_size} -> {2 * b.sp_size}"))
+    # The whole table on one rank, in every layout and dtype: from the scaled base, more rows
+    # than any of its slices (a size tier on the rows a call builds, rather than on the grid,
+    # is crossed there, and a path for long builds must get every layout and dtype right).
+    whole = replace(b, sp_rank=0, sp_size=1)
+    out.append(Variant("sp_size 1 (unsharded)", whole, f"{b.sp_size} -> 1"))
+    for layout in ("interleaved", "half", "neox"):
+        if layout != s.layout:
+            out.append(Variant(f"sp_size 1 (unsharded), layout {layout}", whole.with_spec(layout=layout),
+                               f"{b.sp_size}, {s.layout} -> 1, {layout}"))
+    out.append(Variant(f"sp_size 1 (unsharded), dtype {other_dtype}", whole.with_spec(dtype=other_dtype),
+                       f"{b.sp_size}, {s.dtype} -> 1, {other_dtype}"))
     out.append(Variant("shard axis", replace(b, plan=base.other_axis), f"{b.plan} -> {base.other_axis}"))
     out.append(Variant("scheme", replace(b, plan=base.other_scheme), f"{b.plan} -> {base.other_scheme}"))
     # A pipeline moved to another device (CPU offload, another GPU in one process) must not get
@@ -203,6 +219,26 @@ def variants(base: Base) -> list[Variant]:
 
 
 META = "meta"
+FAR_FRAMES = 2**20
+
+# Every field is varied from the base a second time at the size of a real latent, past any
+# size tier an implementation may switch paths at (a second cache for long sequences, chunked
+# builds), whose key can be the one that forgets a field: every axis scaled up, 145,152 tokens,
+# past 2^17 and past every preset (HunyuanVideo's 720p latent: 118,800 tokens), and 2^17 frames
+# into a causal stream (where positions may come from another path too).
+SCALE = (9, 24, 14)
+JUDGED_ROWS = 4096  # rows of a larger table judged against the formula, evenly spread
+
+
+FAR_START = 2**17  # the scaled base's causal offset, where one has one: past memo paths for far positions
+
+
+def at_scale(base: Base) -> Base:
+    """``base`` with every grid axis scaled by ``SCALE``, and ``FAR_START`` frames later."""
+    s = base.input.spec
+    grid = tuple(n * f for n, f in zip(s.grid, SCALE))
+    start_frame = s.start_frame + FAR_START if s.start_frame else 0
+    return replace(base, input=base.input.with_spec(grid=grid, start_frame=start_frame))
 
 
 def _wrong_form(inp: ProbeInput, sl: RopeSlice) -> str | None:
@@ -229,6 +265,12 @@ def wrong(inp: ProbeInput, sl: RopeSlice) -> str | None:
     cos, sin, claimed = sl.cos.detach().cpu(), sl.sin.detach().cpu(), sl.indices.detach().cpu().to(torch.int64)
     if claimed.numel() and (int(claimed.min()) < -1 or int(claimed.max()) >= spec.num_tokens):
         return f"claims token indices outside [-1, {spec.num_tokens})"
+    if claimed.numel() > JUDGED_ROWS:
+        # Rows spread over the whole table: a table built for another input differs almost
+        # everywhere (and the very table of an earlier input is found by its digest); a wrong
+        # row here and there is the matrix's to find, row by row.
+        rows = torch.linspace(0, claimed.numel() - 1, JUDGED_ROWS).round().to(torch.int64)
+        cos, sin, claimed = cos[rows], sin[rows], claimed[rows]
     tol = tolerance(spec)
     want_cos, want_sin = oracle_table(spec, claimed)
     worst = max(float((got.double() - ref).abs().max()) if got.numel() else 0.0
@@ -334,8 +376,9 @@ def _case(name: str, inp: ProbeInput) -> CaseResult:
     return CaseResult("probe", name, inp.sp_size, s.start_frame, s.dtype, s.layout)
 
 
-def _base(provider: Provider) -> Base:
-    return next((b for b in BASES if provider.skip_reason(b.input.spec, b.input.plan) is None), BASES[0])
+def _base(provider: Provider, scaled: bool = False) -> Base:
+    base = next((b for b in BASES if provider.skip_reason(b.input.spec, b.input.plan) is None), BASES[0])
+    return at_scale(base) if scaled else base
 
 
 def _one_case(provider: Provider, device: str, name: str) -> tuple[CaseResult, _Probe | None]:
@@ -361,13 +404,17 @@ def field_groups(provider: Provider) -> list[int]:
     return [numbers[group] for group in groups]
 
 
-def probe_keys(provider: Provider, device: str, only: Callable[[int], bool] | None = None) -> list[CaseResult]:
+def probe_keys(
+    provider: Provider, device: str, only: Callable[[int], bool] | None = None, scaled: bool = False
+) -> list[CaseResult]:
     """One case for the base input (index 0) and one per varied field (indices 1...), those that
-    ``only`` selects; an input the provider cannot express is a skipped case, never a pass."""
-    base = _base(provider)
+    ``only`` selects; an input the provider cannot express is a skipped case, never a pass.
+    ``scaled``: from the base at a real latent's size (``at_scale``), the cases named so."""
+    base = _base(provider, scaled)
     todo = [Variant("base", base.input, "")] + variants(base)
     chosen = [v for i, v in enumerate(todo) if only is None or only(i)]
-    cases = [_case(v.field, v.input) for v in chosen]
+    suffix = f" at {base.input.spec.num_tokens} tokens" if scaled else ""
+    cases = [_case(v.field + suffix, v.input) for v in chosen]
     reason = provider.skip_reason(base.input.spec, base.input.plan)
     if reason is not None:
         for case in cases:
@@ -539,9 +586,13 @@ class Held:
 
 
 HOT_CALLS = 512  # calls per input: five 50-step denoising runs with CFG (100 calls each) of one key
-# The base input is asked this many times per step of the others: about 4,000 calls, what one
-# video asks of one key (50 steps x 40 blocks x CFG's 2 forwards).
-HOT_BASE_REPEAT = 8
+# The base and theta + 1 (one shape, dtype and layout) are asked this many times per step of the
+# others: 16,864 calls each, past a promotion threshold of 2^14 hits (one video asks about 4,000
+# of one key: 50 steps x 40 blocks x CFG's 2 forwards; a server making one resolution passes 16k
+# within a few videos). Both promoted into one static buffer per shape, dtype and layout, the
+# first would get the second's table.
+HOT_DEEP_REPEAT = 33
+HOT_DEEP_S = 3.0  # past this many seconds, every input is asked once a step (an uncached build per call is slow)
 
 
 def _hot_total(calls: int, repeat: int) -> int:
@@ -551,14 +602,15 @@ def _hot_total(calls: int, repeat: int) -> int:
 
 def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> CaseResult:
     """Inputs of one shape (the base, theta + 1, and the base in another layout and dtype, where
-    the implementation can express them) asked for in turn, ``calls`` times each, as long
-    denoising runs with CFG ask for their tables: past any warm-up, promotion or compaction
-    threshold of a cache (an entry moved to a static buffer, or re-encoded, after N hits), in
-    every layout and dtype such a rewrite can get wrong. Every call must return the table its
-    input's first call got (``unstable-across-steps``), and those first tables, held to the end,
-    must not change (``overwritten-after-return``)."""
-    case, probe = _one_case(
-        provider, device, f"hot keys ({calls} calls each, the base {_hot_total(calls, HOT_BASE_REPEAT)})")
+    the implementation can express them) asked for in turn, ``calls`` times each, the first two
+    ``HOT_DEEP_REPEAT`` times as often (for ``HOT_DEEP_S`` seconds), as long denoising runs
+    with CFG ask for their tables: past any warm-up, promotion or compaction threshold of a
+    cache (an entry moved to a static buffer, or re-encoded, after N hits), in every layout and
+    dtype such a rewrite can get wrong. Every call must return the table its input's first call
+    got (``unstable-across-steps``), and those first tables, held to the end, must not change
+    (``overwritten-after-return``)."""
+    deep = _hot_total(calls, HOT_DEEP_REPEAT)
+    case, probe = _one_case(provider, device, f"hot keys ({calls} calls each, the base and theta + 1 up to {deep})")
     if probe is None:
         return case
     base = probe.base.input
@@ -571,23 +623,44 @@ def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> C
         "the other dtype": base.with_spec(dtype="float32" if s.dtype == "float64" else "float64"),
     }
     inputs = {name: inp for name, inp in candidates.items() if provider.skip_reason(inp.spec, inp.plan) is None}
-    held = Held(case, window=len(inputs) * calls)
-    repeats = {name: HOT_BASE_REPEAT if inp == base else 1 for name, inp in inputs.items()}
-    asked = dict.fromkeys(inputs, 0)
-    turns = ((step, which, name, inp) for step in range(calls) for which, (name, inp) in enumerate(inputs.items())
-             for _ in range(repeats[name] if step else 1))
-    for step, which, name, inp in turns:
+    repeats = {name: HOT_DEEP_REPEAT if inp.spec.replace(theta=s.theta) == s else 1 for name, inp in inputs.items()}
+    # The first call of each input, judged against the formula; their tables held to the end.
+    held = Held(case, window=len(inputs))
+    for name, inp in inputs.items():
         sl = probe.get(inp)
-        asked[name] += 1
-        what = f"call {asked[name]} of {_hot_total(calls, repeats[name])} for {name}"
-        if isinstance(sl, Exception) or step == 0:
-            probe.judge(case, inp, what, sl)
+        probe.judge(case, inp, f"call 1 of {_hot_total(calls, repeats[name])} for {name}", sl)
         if isinstance(sl, Exception) or case.diagnoses:
             return case
-        if step == 0:
-            held.keep(name, sl)
-        elif not held.same(which, sl):
+        held.keep(name, sl)
+    # Then the hits, each compared with the first table only: one set of argument objects per
+    # input (equal-but-new objects are the key probe's concern) and one model context for all.
+    asked = dict.fromkeys(inputs, 1)
+    turns = [(which, name, inp) for which, (name, inp) in enumerate(inputs.items()) for _ in range(repeats[name])]
+    once = [(which, name, inp) for which, (name, inp) in enumerate(inputs.items())]
+    args = {name: (inp.spec.replace(), replace(inp.plan), inp.sp_rank, inp.sp_size, inp.device or device)
+            for name, inp in inputs.items()}
+    failure: tuple[str, ProbeInput, RopeSlice | Exception] | None = None
+    deadline = time.monotonic() + HOT_DEEP_S
+    with as_a_model_calls(device):
+        for _ in range(calls - 1):
+            for which, name, inp in turns if time.monotonic() < deadline else once:
+                asked[name] += 1
+                try:
+                    got: RopeSlice | Exception = provider.get(*args[name])
+                except Exception as exc:  # noqa: BLE001 - the implementation failed: a verdict, not a crash
+                    got = exc
+                if isinstance(got, Exception) or not held.same(which, got):
+                    failure = (name, inp, got)
+                    break
+            if failure is not None:
+                break
+    if failure is not None:
+        name, inp, got = failure
+        what = f"call {asked[name]} of up to {_hot_total(calls, repeats[name])} for {name}"
+        if isinstance(got, Exception):
+            probe.judge(case, inp, what, got)
+        else:
             case.fail("unstable-across-steps", f"{what} returned another table than its first call")
-            return case
+        return case
     held.release_all()
     return case

@@ -151,11 +151,15 @@ def test_diffusers_wan_job_passes_and_skips_what_it_cannot_express(tmp_path):
     passed = [c for c in cases if c["status"] == "passed"]
     assert passed and all(c["scheme"] == "flat" and c["start_frame"] == 0 and c["dtype"] == "float32" for c in passed)
     probed = {c["scheme"] for c in every_case if c["config"] == "probe" and c["status"] == "passed"}
-    assert probed == {
+    fields = {
         "base", "grid[0]", "grid[1]", "grid[2]", "grid[0] <-> grid[1]", "grid[1] <-> grid[2]", "grid[0] <-> grid[2]",
-        "theta", "theta (+0.1)", "theta (x(1+2^-30))", "head dim", "sp_rank", "sp_size", "device",
+        "theta", "theta (+0.1)", "theta (x(1+2^-30))", "head dim", "sp_rank", "sp_size", "sp_size 1 (unsharded)",
+        "device",
+    }
+    assert probed == {
+        *fields, *(f"{field} at 145152 tokens" for field in fields),
         "cache eviction (1024+ inputs)",
-        "hot keys (512 calls each, the base 4089)",
+        "hot keys (512 calls each, the base and theta + 1 up to 16864)",
     }
     reasons = " ".join(c["details"][0] for c in cases if c["status"] == "skipped")
     assert "no start_frame" in reasons and "not zigzag" in reasons and "float32 tables only" in reasons

@@ -30,6 +30,8 @@ DIM_MOVES = ["rope_dim_list[1] -> [0]", "rope_dim_list[1] -> [2]", "rope_dim_lis
 NUDGES = ["theta (+0.1)", "theta_rescale_factor[0] (x(1+2^-10))", "interpolation_factor[0] (x(1+2^-10))"]
 FINE = ["theta (x(1+2^-30))", "theta_rescale_factor[0] (x(1+2^-30))", "interpolation_factor[0] (x(1+2^-22))"]
 REORDERED = ["theta_rescale_factor (same values, other axes)", "interpolation_factor (same values, other axes)"]
+WHOLE = ["sp_size 1 (unsharded)", "sp_size 1 (unsharded), layout half", "sp_size 1 (unsharded), layout neox",
+         "sp_size 1 (unsharded), dtype float32"]
 SCHEME_PARAMETERS = [
     "scheme parameter (usp:2 / usp:4)", "scheme parameter (usp:2 / usp:1)", "scheme parameter (usp:2 / usp:3)",
     "scheme parameter (flat:pad / flat:uneven)",
@@ -38,7 +40,8 @@ FIELDS = [
     "grid[0]", "grid[1]", "grid[2]", *SWAPS, *PAIRS, *DIM_MOVES, "theta", *NUDGES, *FINE,
     "theta_rescale_factor[0]", "theta_rescale_factor[1]", "theta_rescale_factor[2]",
     "interpolation_factor[0]", "interpolation_factor[1]", "interpolation_factor[2]", *REORDERED,
-    "head dim", "dtype", "layout", "layout (neox)", "start_frame", "sp_rank", "sp_size", "shard axis", "scheme",
+    "head dim", "dtype", "layout", "layout (neox)", "start_frame", "start_frame (+2^20)", "sp_rank", "sp_size",
+    *WHOLE, "shard axis", "scheme",
     "device", *SCHEME_PARAMETERS, "grid + shard axis (same local shape)",
 ]
 LOCAL_SHAPE = FIELDS[-1]  # alternates with SP rank 1 of the base: a key without sp_rank fails it too
@@ -60,10 +63,10 @@ KEY_FIELD_FAILS = {
     "interpolation_factor[1]": {"interpolation_factor[1]"},
     "interpolation_factor[2]": {"interpolation_factor[2]"},
     "dtype": {"dtype"},
-    "layout": {"layout", "layout (neox)"},
-    "start_frame": {"start_frame"},
+    "layout": {"layout", "layout (neox)", WHOLE[1], WHOLE[2]},
+    "start_frame": {"start_frame", "start_frame (+2^20)"},
     "sp_rank": {"sp_rank", LOCAL_SHAPE},
-    "sp_size": {"sp_size"},
+    "sp_size": {"sp_size", WHOLE[0]},  # the other whole tables meet entries this cache evicted
     "shard axis": {"shard axis"},
     "scheme": {"scheme", *SCHEME_PARAMETERS},
     "device": {"device"},
@@ -96,7 +99,7 @@ def test_correct_catalog_implementations_pass_every_field_they_can_express(name)
     if CATALOG[name].convention == "native":
         assert status == {"passed": {"base", *FIELDS}, "failed": set(), "skipped": set()}, _failures(cases)
     else:  # fastvideo conventions shard contiguously only
-        inexpressible = {"scheme", "layout (neox)", *SCHEME_PARAMETERS}
+        inexpressible = {"scheme", "layout (neox)", WHOLE[2], *SCHEME_PARAMETERS}
         assert status == {"passed": {"base", *FIELDS} - inexpressible, "failed": set(), "skipped": inexpressible}
         (scheme,) = [c for c in cases if c.scheme == "scheme"]
         assert scheme.details[0].startswith("not probed: scheme contiguous:t -> zigzag:t:"), scheme.details
@@ -112,8 +115,9 @@ def test_diffusers_wan_is_probed_where_it_can_be_and_skipped_elsewhere():
     cases = probe_keys(DiffusersWanProvider(), "cpu")
     status = _by_status(cases)
     probed = {"base", "grid[0]", "grid[1]", "grid[2]", *SWAPS, "theta", "theta (+0.1)", FINE[0], "head dim", "sp_rank",
-              "sp_size", "device"}
-    assert status == {"passed": probed, "failed": set(), "skipped": {"base", *FIELDS} - probed}
+              "sp_size", WHOLE[0], "device"}
+    every = {"base", *FIELDS} - {WHOLE[3]} | {"sp_size 1 (unsharded), dtype float64"}  # its base is float32
+    assert status == {"passed": probed, "failed": set(), "skipped": every - probed}
     assert all(c.details[0].startswith("not probed: ") for c in cases if c.status == "skipped")
     assert {c.dtype for c in cases if c.status == "passed"} == {"float32"}
 
@@ -262,6 +266,14 @@ NEAR_MISS_KEYS = {
         lambda s, p, r, n: (s, p.scheme, p.axis, r, n),
         set(SCHEME_PARAMETERS),
     ),
+    "start_frame packed into a 16-bit field": (
+        lambda s, p, r, n: (s.replace(start_frame=0), (s.start_frame & 0xFFFF) | r << 16 | n << 24, str(p)),
+        {"start_frame (+2^20)"},
+    ),
+    "start_frame modulo a ring of 4096 positions": (
+        lambda s, p, r, n: (s.replace(start_frame=s.start_frame % 4096), str(p), r, n),
+        {"start_frame (+2^20)"},
+    ),
 }
 
 
@@ -269,6 +281,44 @@ NEAR_MISS_KEYS = {
 def test_a_key_that_loses_a_difference_is_caught_by_the_near_variant(name):
     key_of, fields = NEAR_MISS_KEYS[name]
     assert _failures(probe_keys(_keyed(key_of), "cpu")) == {field: ["key-incomplete"] for field in fields}
+
+
+def _tiered(tokens: int):  # type: ignore[no-untyped-def]
+    """Correct tables; inputs of at least ``tokens`` tokens cached apart, under a key without the
+    dtype, the layout and the factors (a second cache for long sequences)."""
+    def key_of(s, p, r, n):  # type: ignore[no-untyped-def]
+        if s.num_tokens < tokens:
+            return (s, str(p), r, n)
+        return ("large", s.grid, s.rope_dim_list, s.theta, s.start_frame, str(p), r, n)
+
+    return _keyed(key_of)
+
+
+@pytest.mark.parametrize("tokens", [2**15, 2**17])
+def test_a_key_that_forgets_fields_only_for_long_sequences_is_caught_at_scale(tokens):
+    assert _failures(probe_keys(_tiered(tokens), "cpu")) == {}  # the small base never reaches the tier
+    cases = probe_keys(_tiered(tokens), "cpu", scaled=True)
+    at = " at 145152 tokens"
+    forgotten = {"dtype", "layout", "layout (neox)", "theta_rescale_factor[0]", "theta_rescale_factor[1]",
+                 "theta_rescale_factor[2]", "interpolation_factor[0]", "interpolation_factor[1]",
+                 "interpolation_factor[2]", *NUDGES[1:], *FINE[1:], *REORDERED, PAIRS[1], *WHOLE[1:]}
+    assert _failures(cases) == {field + at: ["key-incomplete"] for field in forgotten}
+    assert {c.scheme for c in cases} == {field + at for field in ("base", *FIELDS)}
+
+
+def test_the_scaled_probe_judges_a_large_table_at_rows_spread_over_it():
+    # Correct tables but the last row's sin negated above 2^16 tokens: only the row sample's
+    # last row can see it, and must.
+    def rope(spec, plan, sp_rank, sp_size, device):  # type: ignore[no-untyped-def]
+        tokens = plan.indices(spec.grid, sp_rank, sp_size)
+        cos, sin = build_table(spec, tokens)
+        if spec.num_tokens >= 2**16:
+            sin = sin.clone()
+            sin[-1] = -sin[-1]
+        return RopeSlice(cos.to(device), sin.to(device), tokens)
+
+    failures = _failures(probe_keys(NativeProvider(rope, "last row"), "cpu", scaled=True))
+    assert failures and all(diagnoses == ["oracle-mismatch"] for diagnoses in failures.values()), failures
 
 
 def test_a_key_on_the_identity_of_the_spec_is_caught():
@@ -284,12 +334,13 @@ KEY_MUTANTS = {
     "fv_key_no_theta": {"theta", NUDGES[0], FINE[0]},
     "fv_key_rescale_first": {"theta_rescale_factor[1]", "theta_rescale_factor[2]", REORDERED[0]},
     "fv_key_interp_first_two": {"interpolation_factor[2]"},
-    "fv_key_no_use_real": {"layout"},
+    "fv_key_no_use_real": {"layout", WHOLE[1]},
     "fv_key_no_rope_dim_list": {*DIM_MOVES, "head dim"},
-    "fv_key_no_dtype": {"dtype"},
-    "fv_key_no_start_frame": {"start_frame", PAIRS[0]},  # its T meets the grid[0] variant's at another offset
+    "fv_key_no_dtype": {"dtype", WHOLE[3]},
+    # Its T meets the grid[0] variant's at another offset.
+    "fv_key_no_start_frame": {"start_frame", "start_frame (+2^20)", PAIRS[0]},
     "fv_key_no_sp_rank": {"sp_rank", LOCAL_SHAPE},
-    "fv_key_no_sp_world_size": {"sp_size"},
+    "fv_key_no_sp_world_size": {"sp_size"},  # the whole table is asked for without sharding
 }
 
 
@@ -310,7 +361,8 @@ def test_another_wrong_table_is_an_oracle_mismatch_naming_the_varied_field():
 def test_rows_for_another_ranks_tokens_are_a_plan_mismatch():
     failures = _failures(probe_keys(_provider("native_next_rank_tokens"), "cpu"))
     # Its tokens on meta hold no values: the device field's other calls are the base's, judged once.
-    assert failures["base"] == ["plan-mismatch"] and set(failures) == {"base", *FIELDS} - {"device"}
+    # The whole table has no other rank's tokens to hand out.
+    assert failures["base"] == ["plan-mismatch"] and set(failures) == {"base", *FIELDS} - {"device", *WHOLE}
 
 
 def test_a_table_written_after_it_was_returned_is_reported():
@@ -337,7 +389,8 @@ class _NoFloat32(Provider):
 
 def test_an_inexpressible_field_is_skipped_with_its_reason_and_never_called():
     cases = probe_keys(_NoFloat32(), "cpu")
-    assert _by_status(cases) == {"passed": {"base", *FIELDS} - {"dtype"}, "failed": set(), "skipped": {"dtype"}}
+    float32 = {"dtype", WHOLE[3]}
+    assert _by_status(cases) == {"passed": {"base", *FIELDS} - float32, "failed": set(), "skipped": float32}
     (dtype,) = [c for c in cases if c.scheme == "dtype"]
     assert dtype.details == ["not probed: dtype float64 -> float32: float32 is not supported here"]
 
@@ -552,8 +605,10 @@ class _Promoting(_Counting):
         return entry
 
 
-@pytest.mark.parametrize("after", [2, 33, HOT_CALLS - 1])
+@pytest.mark.parametrize("after", [2, 33, HOT_CALLS - 1, 4_100, 2**14])
 def test_an_entry_that_changes_after_many_hits_is_caught_by_the_hot_keys(after):
+    # Past what one video asks of a key (about 4,000 calls) and up to 2^14 hits: the base and
+    # theta + 1 share a shape, so the second promotion overwrites the first's table.
     case = probe_hot_keys(NativeProvider(_Promoting(after), "promoting"), "cpu")
     assert case.status == "failed", case.details
     assert set(case.diagnoses) <= {"unstable-across-steps", "overwritten-after-return"}, case.details
@@ -575,7 +630,9 @@ class _Compacting(_Counting):
 def test_an_entry_rewritten_after_many_hits_in_one_layout_only_is_caught_by_the_hot_keys(after):
     case = probe_hot_keys(NativeProvider(_Compacting(after), "compacting"), "cpu")
     assert case.diagnoses == ["unstable-across-steps"], case.details
-    assert f"call {after + 1} of {HOT_CALLS} for layout half returned another table" in case.details[0], case.details
+    assert f"call {after + 1} of up to {HOT_CALLS} for layout half returned another table" in case.details[0], (
+        case.details
+    )
 
 
 def test_sp_rope_itself_passes_the_cache_probes():
