@@ -229,6 +229,11 @@ def test_the_default_matrix_reaches_where_plausible_bugs_hide(seed):
         return all(set(_values(v)) != {1.0} for v in (c.theta_rescale_factor, c.interpolation_factor))
     assert any(len(c.grid) == 1 and scaled(c) for c in configs)
     assert any(tokens[f] > 2**17 and scaled(f.config) for f in fams)
+    # every dtype x layout on a token sequence and an image (a separate path for fewer axes
+    # that gets one layout wrong), whatever the seed draws
+    every = {(d, lay) for d in settings.matrix.dtypes for lay in settings.matrix.layouts}
+    for axes in (1, 2):
+        assert {(f.dtype, f.layout) for f in fams if f.config.name == f"b-{axes}d"} == every
 
 
 def test_the_far_offsets_catch_angles_made_in_float32_past_a_precomputed_table():
