@@ -443,7 +443,7 @@ def _probe(rr: RankRun) -> list[CaseResult]:
     """The key-completeness probe (from a small base and from one at a real latent's size), its
     fields spread over the ranks but the last, which runs the eviction sweep (about as long as
     all the fields together); the hot-key calls run on the rank before it."""
-    from .probe import field_groups, probe_eviction, probe_hot_keys, probe_keys
+    from .probe import HOT_DEEP_S, field_groups, probe_eviction, probe_hot_keys, probe_keys
 
     world, rank = rr.job.env.world_size, rr.job.rank
     spread = max(world - 1, 1)
@@ -462,7 +462,9 @@ def _probe(rr: RankRun) -> list[CaseResult]:
             cases.append(probe_eviction(rr.provider, rr.job.device, extra_s=extra_s))
     if rank == max(world - 2, 0):
         with phase("hot keys"):
-            cases.append(probe_hot_keys(rr.provider, rr.job.device))
+            # Its deep calls stop within a sixth of the job's timeout: the other ranks wait for it.
+            deep_s = min(HOT_DEEP_S, rr.job.timeout.total_seconds() / 6)
+            cases.append(probe_hot_keys(rr.provider, rr.job.device, deep_s=deep_s))
     return cases
 
 

@@ -227,10 +227,8 @@ FAR_FRAMES = 2**20
 # past 2^17 and past every preset (HunyuanVideo's 720p latent: 118,800 tokens), and 2^17 frames
 # into a causal stream (where positions may come from another path too).
 SCALE = (9, 24, 14)
-JUDGED_ROWS = 4096  # rows of a larger table judged against the formula, evenly spread
-
-
 FAR_START = 2**17  # the scaled base's causal offset, where one has one: past memo paths for far positions
+JUDGED_ROWS = 4096  # rows of a larger table judged against the formula, evenly spread
 
 
 def at_scale(base: Base) -> Base:
@@ -600,10 +598,10 @@ def _hot_total(calls: int, repeat: int) -> int:
     return 1 + (calls - 1) * repeat
 
 
-def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> CaseResult:
+def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS, deep_s: float = HOT_DEEP_S) -> CaseResult:
     """Inputs of one shape (the base, theta + 1, and the base in another layout and dtype, where
     the implementation can express them) asked for in turn, ``calls`` times each, the first two
-    ``HOT_DEEP_REPEAT`` times as often (for ``HOT_DEEP_S`` seconds), as long denoising runs
+    ``HOT_DEEP_REPEAT`` times as often (for ``deep_s`` seconds), as long denoising runs
     with CFG ask for their tables: past any warm-up, promotion or compaction threshold of a
     cache (an entry moved to a static buffer, or re-encoded, after N hits), in every layout and
     dtype such a rewrite can get wrong. Every call must return the table its input's first call
@@ -640,7 +638,7 @@ def probe_hot_keys(provider: Provider, device: str, calls: int = HOT_CALLS) -> C
     args = {name: (inp.spec.replace(), replace(inp.plan), inp.sp_rank, inp.sp_size, inp.device or device)
             for name, inp in inputs.items()}
     failure: tuple[str, ProbeInput, RopeSlice | Exception] | None = None
-    deadline = time.monotonic() + HOT_DEEP_S
+    deadline = time.monotonic() + deep_s
     with as_a_model_calls(device):
         for _ in range(calls - 1):
             for which, name, inp in turns if time.monotonic() < deadline else once:
