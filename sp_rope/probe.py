@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .cache import CacheMutationError, RopeSlice
-from .judge import content_digest
+from .judge import content_digest, plan_tokens
 from .oracle import oracle_table, tolerance
 from .providers import Provider, as_a_model_calls, tables_on
 from .report import CaseResult
@@ -250,7 +250,7 @@ def _wrong_form(inp: ProbeInput, sl: RopeSlice) -> str | None:
 
 def _misfit(inp: ProbeInput, sl: RopeSlice, device: str) -> bool:
     """Whether ``sl`` is on another device, or of another shape or dtype, than ``inp``'s table."""
-    rows = len(inp.plan.indices(inp.spec.grid, inp.sp_rank, inp.sp_size))
+    rows = len(plan_tokens(inp.plan, inp.spec.grid, inp.sp_rank, inp.sp_size))
     return not tables_on(sl, inp.device or device) or sl.indices.numel() != rows or _wrong_form(inp, sl) is not None
 
 
@@ -330,7 +330,7 @@ class _Probe:
         else:
             problem = _wrong_form(inp, sl) if on_meta else wrong(inp, sl)
         other_tokens = sl.indices.device.type != META and not torch.equal(
-            sl.indices.detach().cpu().to(torch.int64), inp.plan.indices(inp.spec.grid, inp.sp_rank, inp.sp_size)
+            sl.indices.detach().cpu().to(torch.int64), plan_tokens(inp.plan, inp.spec.grid, inp.sp_rank, inp.sp_size)
         )
         if (problem is not None or other_tokens) and earlier != inp:
             label = self.labels.get(earlier, f"the input with grid {list(earlier.spec.grid)}")  # a sweep's
